@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` (set up + run the pipeline) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+# No internet here: telemetry and update checks off (see ../shared/DESIGN.md).
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test lint bench constraints clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv, install pinned deps, initialise DVC if needed
+	@if [ ! -d .dvc ]; then \
+	  if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; \
+	fi
+
+run: setup  ## run the whole pipeline (only what changed) and print the comparison
+	dvc repro
+	@cat reports/compare.md
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check mtl pipelines tests bench
+
+constraints: setup  ## re-pin constraints.txt from the current environment
+	{ echo "# Exact versions the project is tested with: pip install -c constraints.txt -e .[dev]"; \
+	  echo "# Regenerate with: make constraints"; echo "torch==2.13.0"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
+
+clean:  ## remove pipeline outputs (not the venv, not DVC's cache)
+	rm -rf data/ingested data/augmented data/split models metrics dvclive reports

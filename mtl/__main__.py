@@ -1,0 +1,3 @@
+from mtl.cli import app
+
+app(prog_name="mtl")

@@ -1,0 +1,237 @@
+"""The one typed model of ``params.yaml``, checked at the start of every stage.
+
+``load_params`` reads the file, applies ``--set a.b=value`` overrides (values parsed as YAML,
+like ``dvc exp run -S``) and validates the result; any problem becomes a ``UserError`` whose
+one-line message names the offending key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtl.engine import ARCHITECTURES, TASK_KINDS, WEIGHTINGS
+from mtl.errors import UserError
+from mtl.paths import RESERVED
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # task and variant names become paths and stage keys
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(Section):
+    kind: Literal[TASK_KINDS]  # type: ignore[valid-type]
+    target: str = Field(min_length=1)
+
+
+class DataConfig(Section):
+    source: str = Field("penguins", min_length=1)
+    """``penguins`` (built in) or a CSV/Parquet path or glob, relative to the project root."""
+    id_column: str | None = None
+    """Stable key for splitting; ``null`` hashes each row's content instead."""
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
+    features: list[str] | None = None
+    """Feature columns; ``null`` takes every column that is not a target, the id or in ``drop``."""
+    categorical: list[str] = []
+    """Columns to treat as categorical although their type is numeric."""
+    drop: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        for name, task in self.tasks.items():
+            if not NAME.match(name):
+                raise ValueError(f"data.tasks.{name}: task names may hold letters, digits, '_', '-', '.'")
+            if task.target in RESERVED:
+                raise ValueError(f"data.tasks.{name}.target: '{task.target}' is a reserved column name")
+        targets = [t.target for t in self.tasks.values()]
+        if len(set(targets)) != len(targets):
+            raise ValueError("data.tasks: two tasks share one target column")
+        for col in self.features or []:
+            if col in targets:
+                raise ValueError(f"data.features: '{col}' is a task's target and cannot be a feature")
+        return self
+
+
+class AugmentConfig(Section):
+    copies: int = Field(1, ge=0, le=100)
+    """Augmented copies made of each training row (0 turns augmentation off)."""
+    noise: float = Field(0.05, ge=0)
+    """Std of the Gaussian noise added to numeric features, in units of each feature's std."""
+    interpolate: float = Field(0.0, ge=0, le=1)
+    """Share of copies made by interpolating towards another training row of the same class."""
+    interpolate_task: str | None = None
+    """Classification task whose class pairs rows for interpolation (default: the first one)."""
+    max_lambda: float = Field(0.5, gt=0, le=1)
+    """Interpolation factor drawn uniformly from [0, max_lambda]."""
+    seed: int = 0
+
+
+class SplitConfig(Section):
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    salt: str = "mtl"
+    """Part of the hash: change it to draw a different (still stable) split."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError("split: val + test must be below 1, leaving rows to train on")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    hidden: list[int] = [64, 64]
+    """Widths of the shared trunk (of each single-task network for ``stl``)."""
+    head_hidden: list[int] = [32]
+    """Widths of each task tower before its output layer."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    patience: int = Field(20, ge=0)
+    """Early stopping: epochs without a better validation loss (0 = never stop early)."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @field_validator("hidden", "head_hidden")
+    @classmethod
+    def _positive(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 for w in widths):
+            raise ValueError("layer widths must be positive integers")
+        return widths
+
+
+class Variant(Section):
+    arch: str
+    weighting: str = "ew"
+    weights: dict[str, float] | None = None
+    """``static`` weighting only: one weight per task."""
+    train: dict[str, Any] = {}
+    """Overrides of the ``train`` section for this variant alone."""
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, arch: str) -> str:
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
+        return arch
+
+    @field_validator("weighting")
+    @classmethod
+    def _weighting(cls, weighting: str) -> str:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting '{weighting}' (known: {', '.join(WEIGHTINGS)})")
+        return weighting
+
+
+class CompareConfig(Section):
+    baseline: str = "stl"
+    """The variant every other is measured against (Δm); normally the single-task models."""
+    exclude: list[str] = ["r2"]
+    """Metrics left out of Δm (R² has no stable relative change near 0)."""
+
+
+class Params(Section):
+    data: DataConfig
+    augment: AugmentConfig = AugmentConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    variants: dict[str, Variant] = Field(min_length=1)
+    compare: CompareConfig = CompareConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Params:
+        tasks = set(self.data.tasks)
+        for name, variant in self.variants.items():
+            where = f"variants.{name}"
+            if not NAME.match(name):
+                raise ValueError(f"{where}: variant names may hold letters, digits, '_', '-', '.'")
+            if variant.weighting == "static":
+                if variant.weights is None:
+                    raise ValueError(f"{where}.weights: static weighting needs one weight per task")
+                if set(variant.weights) != tasks:
+                    missing, extra = tasks - set(variant.weights), set(variant.weights) - tasks
+                    raise ValueError(f"{where}.weights: must name each task exactly once "
+                                     f"(missing: {sorted(missing)}, unknown: {sorted(extra)})")
+                if any(w < 0 for w in variant.weights.values()):
+                    raise ValueError(f"{where}.weights: weights must be >= 0")
+            elif variant.weights is not None:
+                raise ValueError(f"{where}.weights: only the static weighting takes weights")
+            self.variant_train(name)  # validates the overrides
+        if self.compare.baseline not in self.variants:
+            raise ValueError(f"compare.baseline: '{self.compare.baseline}' is not a variant")
+        task = self.augment.interpolate_task
+        if task is not None and (task not in tasks or self.data.tasks[task].kind == "regression"):
+            raise ValueError(f"augment.interpolate_task: '{task}' is not a classification task")
+        return self
+
+    def variant_train(self, name: str) -> TrainConfig:
+        """The ``train`` section with ``variants.<name>.train`` overrides applied."""
+        if name not in self.variants:
+            raise UserError(f"--variant: '{name}' is not in variants (known: {', '.join(self.variants)})")
+        overrides = self.variants[name].train
+        try:
+            return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ValueError(_describe(exc, prefix=f"variants.{name}.train")) from None
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    """The first validation error as one line: ``dotted.key: what is wrong``."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    if msg.split(":")[0].strip().startswith(loc) or not loc:
+        return msg
+    return f"{loc}: {msg}"
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place (value parsed as YAML)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {assignment}: expected KEY=VALUE, e.g. train.epochs=5")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}: value '{value}' is not valid YAML") from None
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate the params file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {_describe(exc)}") from None

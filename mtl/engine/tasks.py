@@ -1,0 +1,102 @@
+"""Task kinds: how a target column becomes a tensor with a label mask, the loss averaged over
+labelled rows only, and the test metrics (torchmetrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional import (
+    mean_absolute_error,
+    mean_squared_error,
+    r2_score,
+)
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_f1_score,
+)
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # binary | multiclass | regression
+    target: str
+    classes: tuple[str, ...] = ()  # classification: index -> label; binary: classes[1] is positive
+    mean: float = 0.0  # regression: the target is standardised with train-split statistics
+    std: float = 1.0
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.classes) if self.kind == "multiclass" else 1
+
+    def state(self) -> dict:
+        return asdict(self) | {"classes": list(self.classes)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Task:
+        return cls(**(state | {"classes": tuple(state["classes"])}))
+
+    def encode(self, column: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets and a boolean mask of labelled rows; unlabelled rows get a dummy 0."""
+        if self.kind == "regression":
+            values = torch.from_numpy(column.to_numpy(zero_copy_only=False).astype("float64"))
+            mask = torch.isfinite(values)
+            y = torch.where(mask, (values - self.mean) / self.std, 0.0).float()
+            return y, mask
+        index = pc.index_in(column.cast(pa.string()), value_set=pa.array(self.classes, pa.string()))
+        mask = torch.from_numpy(index.is_valid().to_numpy(zero_copy_only=False).copy())
+        y = torch.from_numpy(pc.fill_null(index, 0).to_numpy().astype("int64"))
+        return (y.float() if self.kind == "binary" else y), mask
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the labelled rows of the batch (0 when none is labelled)."""
+        if self.kind == "multiclass":
+            per_row = F.cross_entropy(out, y, reduction="none")
+        elif self.kind == "binary":
+            per_row = F.binary_cross_entropy_with_logits(out[:, 0], y, reduction="none")
+        else:
+            per_row = F.mse_loss(out[:, 0], y, reduction="none")
+        weight = mask.to(per_row.dtype)
+        return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
+
+    def metrics(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """Test metrics over labelled rows, regression in the target's original units."""
+        out, y = out[mask].float(), y[mask]
+        if len(y) == 0:
+            return {}
+        if self.kind == "multiclass":
+            n, probs = len(self.classes), out.softmax(dim=1)
+            values = {
+                "accuracy": multiclass_accuracy(probs, y, n, average="micro"),
+                "f1_macro": multiclass_f1_score(probs, y, n, average="macro"),
+                "auroc": multiclass_auroc(probs, y, n, average="macro"),
+            }
+        elif self.kind == "binary":
+            p, labels = out[:, 0].sigmoid(), y.long()
+            values = {
+                "accuracy": binary_accuracy(p, labels),
+                "f1_macro": multiclass_f1_score(torch.stack([1 - p, p], 1), labels, 2, average="macro"),
+                "auroc": binary_auroc(p, labels),
+            }
+        else:
+            pred, true = self.decode(out), y * self.std + self.mean
+            values = {
+                "mae": mean_absolute_error(pred, true),
+                "rmse": mean_squared_error(pred, true, squared=False),
+                "r2": r2_score(pred, true) if len(y) > 1 else torch.tensor(float("nan")),
+            }
+        return {k: float(v) for k, v in values.items()}
+
+    def decode(self, out: torch.Tensor) -> torch.Tensor:
+        """Model output -> class probabilities (classification) or values in original units."""
+        if self.kind == "multiclass":
+            return out.softmax(dim=1)
+        if self.kind == "binary":
+            return out[:, 0].sigmoid()
+        return out[:, 0] * self.std + self.mean

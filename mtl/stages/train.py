@@ -1,0 +1,91 @@
+"""train@<variant>: the train and val splits -> a trained model (``models/<variant>/model.pt``)
+and per-epoch losses, validation metrics and task weights logged with dvclive
+(``dvclive/<variant>``)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+from dvclive import Live
+
+from mtl import paths
+from mtl.config import Params
+from mtl.engine import weighting as weightings
+from mtl.engine.checkpoint import Bundle
+from mtl.engine.encoders import TabularPreprocessor
+from mtl.engine.tasks import Task
+from mtl.engine.trainer import FitOptions, TaskData, fit, seed_everything, select_device
+from mtl.errors import UserError
+from mtl.io import atomic_path, read_json, read_table, write_json
+from mtl.stages.common import require_columns
+
+
+def run(params: Params, variant: str) -> None:
+    cfg = params.variant_train(variant)
+    spec = params.variants[variant]
+    schema = read_json(paths.SCHEMA)
+    train_table, val_table = (read_table(paths.split_path(s)) for s in ("train", "val"))
+    for split, table in (("train", train_table), ("val", val_table)):
+        require_columns(table, paths.split_path(split), params)
+        missing = [f for f in schema["features"] if f not in table.column_names]
+        if missing:
+            raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
+                            f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
+
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    features = schema["features"]
+    numeric = [n for n, f in features.items() if f["kind"] == "numeric"]
+    preprocessor = TabularPreprocessor.fit(
+        train_table, numeric, [n for n, f in features.items() if f["kind"] == "categorical"],
+        indicators=[n for n in numeric if features[n]["n_missing"] > 0])
+    tasks = [task_from_schema(name, schema, train_table) for name in params.data.tasks]
+    layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout}
+    info = {"variant": variant, "weighting": spec.weighting, "weights": spec.weights,
+            "train": cfg.model_dump()}
+    bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info)
+    model = bundle.model.to(device)
+    weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights).to(device)
+    train = TaskData.from_table(train_table, preprocessor, tasks).to(device)
+    val = TaskData.from_table(val_table, preprocessor, tasks).to(device)
+
+    live = Live(str(paths.live_dir(variant)), dvcyaml=False, save_dvc_exp=False)
+
+    def log_epoch(epoch: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            if np.isfinite(value):
+                live.log_metric(key, value)
+        live.next_step()
+
+    options = FitOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                         weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed)
+    start = time.perf_counter()
+    result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch)
+    seconds = time.perf_counter() - start
+    live.end()
+
+    bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
+                    "device": str(device)}
+    out = paths.model_dir(variant)
+    with atomic_path(out / "model.pt") as tmp:
+        bundle.save(tmp)
+    write_json(bundle.info | {"train_seconds": round(seconds, 2), "n_train": len(train),
+                              "n_val": len(val)}, out / "train.json")
+    print(f"train@{variant}: {result.epochs_run} epochs in {seconds:.1f}s on {device}, "
+          f"best epochs {result.best_epochs} -> {out / 'model.pt'}")
+
+
+def task_from_schema(name: str, schema: dict, train_table: pa.Table) -> Task:
+    """The engine's task; a regression target is standardised with train-split statistics."""
+    spec = schema["tasks"][name]
+    if spec["kind"] != "regression":
+        return Task(name, spec["kind"], spec["target"], classes=tuple(spec["classes"]))
+    values = train_table[spec["target"]].to_numpy(zero_copy_only=False).astype("float64")
+    labelled = values[np.isfinite(values)]
+    if len(labelled) == 0:
+        raise UserError(f"data.tasks.{name}.target: no labelled row in the train split")
+    std = float(labelled.std())
+    return Task(name, "regression", spec["target"], mean=float(labelled.mean()), std=std if std > 0 else 1.0)
