@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test lint bench constraints clean
+.PHONY: setup run test lint bench constraints clean serve stop
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: setup  ## run the whole pipeline (only what changed) and print the comparis
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest -q
+
+serve: setup  ## local Prefect server + worker + the deployments of pipelines/prefect.yaml
+	pipelines/serve.sh
+
+stop:  ## stop what `make serve` started
+	pipelines/serve.sh stop
 
 lint: setup
 	$(BIN)/ruff check mtl pipelines tests bench

@@ -94,12 +94,14 @@ def compare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) 
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The architectures and weightings a variant may name."""
-    from mtl.engine import ARCHITECTURES, WEIGHTINGS
+    from mtl.engine import ARCH_OPTIONS, WEIGHTING_OPTIONS
 
-    listing = {"architectures": list(ARCHITECTURES), "weightings": list(WEIGHTINGS)}
     if as_json:
-        json.dump(listing, sys.stdout)
+        json.dump({"architectures": list(ARCH_OPTIONS), "weightings": list(WEIGHTING_OPTIONS),
+                   "arch_options": ARCH_OPTIONS, "weighting_options": WEIGHTING_OPTIONS}, sys.stdout)
         sys.stdout.write("\n")
-    else:
-        for kind, names in listing.items():
-            typer.echo(f"{kind}: {', '.join(names)}")
+        return
+    for title, registry in (("architectures", ARCH_OPTIONS), ("weightings", WEIGHTING_OPTIONS)):
+        typer.echo(f"{title} (options and defaults):")
+        for name, options in registry.items():
+            typer.echo(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "-"))

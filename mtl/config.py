@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtl.engine import ARCHITECTURES, TASK_KINDS, WEIGHTINGS
+from mtl.engine import ARCH_OPTIONS, ARCHITECTURES, TASK_KINDS, WEIGHTING_OPTIONS, WEIGHTINGS
 from mtl.errors import UserError
 from mtl.paths import RESERVED
 
@@ -113,6 +113,10 @@ class Variant(Section):
     weighting: str = "ew"
     weights: dict[str, float] | None = None
     """``static`` weighting only: one weight per task."""
+    arch_options: dict[str, float | int | bool | str] = {}
+    """Options of the architecture (``mtl methods`` lists them with their defaults)."""
+    weighting_options: dict[str, float | int | bool | str] = {}
+    """Options of the weighting method (``mtl methods`` lists them with their defaults)."""
     train: dict[str, Any] = {}
     """Overrides of the ``train`` section for this variant alone."""
 
@@ -138,6 +142,24 @@ class CompareConfig(Section):
     """Metrics left out of Δm (R² has no stable relative change near 0)."""
 
 
+class SweepConfig(Section):
+    """The default grid of the Prefect ``sweep`` flow: each point becomes a variant."""
+
+    archs: list[str] = Field(["hps"], min_length=1)
+    weightings: list[str] = Field(["ew"], min_length=1)
+    seeds: list[int] = Field([0, 1], min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        for arch in self.archs:
+            Variant._arch(arch)
+        for weighting in self.weightings:
+            Variant._weighting(weighting)
+            if weighting == "static":
+                raise ValueError("sweep.weightings: 'static' needs per-task weights; use a variant")
+        return self
+
+
 class Params(Section):
     data: DataConfig
     augment: AugmentConfig = AugmentConfig()
@@ -145,6 +167,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     variants: dict[str, Variant] = Field(min_length=1)
     compare: CompareConfig = CompareConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -164,6 +187,9 @@ class Params(Section):
                     raise ValueError(f"{where}.weights: weights must be >= 0")
             elif variant.weights is not None:
                 raise ValueError(f"{where}.weights: only the static weighting takes weights")
+            _check_options(f"{where}.arch_options", variant.arch, ARCH_OPTIONS, variant.arch_options)
+            _check_options(f"{where}.weighting_options", variant.weighting, WEIGHTING_OPTIONS,
+                           variant.weighting_options)
             self.variant_train(name)  # validates the overrides
         if self.compare.baseline not in self.variants:
             raise ValueError(f"compare.baseline: '{self.compare.baseline}' is not a variant")
@@ -180,10 +206,22 @@ class Params(Section):
         try:
             return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
         except ValidationError as exc:
-            raise ValueError(_describe(exc, prefix=f"variants.{name}.train")) from None
+            raise ValueError(describe_error(exc, prefix=f"variants.{name}.train")) from None
 
 
-def _describe(exc: ValidationError, prefix: str = "") -> str:
+def _check_options(where: str, method: str, registry: dict, options: dict) -> None:
+    """Each option must be one the method has, of the type of its default."""
+    known = registry[method]
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"{where}.{key}: not an option of '{method}' "
+                             f"(options: {', '.join(known) or 'none'})")
+        default = known[key]
+        if type(value) is not type(default) and not (type(default) is float and type(value) is int):
+            raise ValueError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+
+
+def describe_error(exc: ValidationError, prefix: str = "") -> str:
     """The first validation error as one line: ``dotted.key: what is wrong``."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
@@ -221,6 +259,8 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -234,4 +274,4 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {_describe(exc)}") from None
+        raise UserError(f"{path}: {describe_error(exc)}") from None

@@ -1,12 +1,42 @@
 """The compact PyTorch MTL engine. It knows nothing of DVC or Prefect.
 
-The names below are what ``params.yaml`` may ask for; they are kept free of a torch import so
-that validating a configuration stays fast. ``archs.build`` and ``weighting.WEIGHTINGS`` map the
-same names to code (a test checks they agree).
+The names below, with each method's options and their defaults, are what ``params.yaml`` may
+ask for; they are kept free of a torch import so that validating a configuration stays fast.
+``archs.build`` and ``weighting.build`` map the same names to classes whose keyword arguments
+are these options (tests check they agree).
 """
 
-ARCHITECTURES = ("hps", "stl")
-WEIGHTINGS = ("ew", "static")
+# Each architecture and its options (a variant's ``arch_options``) with their defaults.
+ARCH_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
+    "hps": {},
+    "stl": {},
+    "mmoe": {"experts": 4},
+    "cgc": {"shared_experts": 2, "task_experts": 1},
+    "ple": {"shared_experts": 2, "task_experts": 1, "levels": 2},
+    "cross_stitch": {},
+    "mtan": {},
+}
+ARCHITECTURES = tuple(ARCH_OPTIONS)
+
+# Each weighting and its options (a variant's ``weighting_options``) with their defaults.
+WEIGHTING_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
+    "ew": {},
+    "static": {},  # takes the variant's ``weights`` instead
+    "uw": {},
+    "dwa": {"temperature": 2.0},
+    "rlw": {},
+    "gradnorm": {"alpha": 1.5},
+    "famo": {"logit_lr": 0.025, "gamma": 0.001},
+    "db_mtl": {"beta": 0.9, "beta_sigma": 0.0},
+    "mgda": {"level": "params"},  # or "features": over the shared representation (MGDA-UB)
+    "pcgrad": {},
+    "cagrad": {"c": 0.4},
+    "imtl": {},
+    "nash_mtl": {"max_norm": 1.0},
+    "aligned_mtl": {"scale_mode": "min"},  # or "median", "rmse"
+    "upgrad": {},
+}
+WEIGHTINGS = tuple(WEIGHTING_OPTIONS)
 TASK_KINDS = ("binary", "multiclass", "regression")
 
 # Test metrics by task kind, and whether higher is better (compare's Δm needs the direction).

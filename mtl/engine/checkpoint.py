@@ -23,7 +23,7 @@ class Bundle:
     arch: str
     tasks: list[Task]
     preprocessor: TabularPreprocessor
-    layers: dict  # hidden, head_hidden, dropout
+    layers: dict  # hidden, head_hidden, dropout, options: keyword arguments of archs.build
     info: dict  # anything JSON-like worth keeping (weighting, seed, epochs, ...)
 
     @classmethod

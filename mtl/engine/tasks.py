@@ -22,6 +22,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+
 @dataclass(frozen=True)
 class Task:
     name: str

@@ -16,7 +16,7 @@ from torch import nn
 
 from mtl.engine.encoders import TabularPreprocessor
 from mtl.engine.tasks import Task
-from mtl.engine.weighting import Weighting
+from mtl.engine.weighting import Step, Weighting
 
 
 @dataclass
@@ -39,11 +39,11 @@ class TaskData:
         return len(next(iter(self.targets.values())))
 
     def take(self, index: torch.Tensor) -> TaskData:
-        pick = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
+        pick = lambda d: {k: v[index] for k, v in d.items()}
         return TaskData(pick(self.inputs), pick(self.targets), pick(self.masks))
 
     def to(self, device: torch.device) -> TaskData:
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        move = lambda d: {k: v.to(device) for k, v in d.items()}
         return TaskData(move(self.inputs), move(self.targets), move(self.masks))
 
 
@@ -105,6 +105,7 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
+    shared = model.shared_parameters()
     best = [(math.inf, -1, None)] * len(groups)  # (val loss, epoch, state) per group
     n = len(train)
     epoch = -1
@@ -115,9 +116,10 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
         steps = 0
         for batch_index in torch.randperm(n, generator=generator).to(device).split(options.batch_size):
             batch = train.take(batch_index)
-            losses = task_losses(model(batch.inputs), tasks, batch)
+            outputs, features = model.forward_with_features(batch.inputs)
+            losses = task_losses(outputs, tasks, batch)
             optimizer.zero_grad(set_to_none=True)
-            weight_sum += weighting.backward(losses)
+            weight_sum += weighting.backward(losses, Step(shared, features, epoch))
             optimizer.step()
             loss_sum += losses.detach()
             steps += 1

@@ -3,20 +3,40 @@ and returns the task weights it used, for logging."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchjd import aggregation, autojac
+from torchjd.aggregation import Aggregator
+
+from mtl.engine import WEIGHTING_OPTIONS
+
+
+@dataclass
+class Step:
+    """What a weighting may use in one training step besides the task losses."""
+
+    shared_params: list[nn.Parameter]  # parameters every task depends on (empty for stl)
+    features: torch.Tensor | None = None  # the shared representation the heads read, if any
+    epoch: int = 0
 
 
 class Weighting(nn.Module):
-    """Base class; a subclass may hold learnable parameters (they join the optimizer)."""
+    """Base class; a subclass may hold learnable parameters (they join the optimizer).
+
+    ``backward(losses, step)`` must leave the gradient of every parameter in ``.grad`` and return
+    the task weights it used (detached, shape [K]) for logging. Loss-weighting methods only
+    override ``weights``; gradient methods override ``backward``.
+    """
 
     def __init__(self, task_names: Sequence[str]):
         super().__init__()
         self.task_names = list(task_names)
 
-    def backward(self, losses: torch.Tensor) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         weights = self.weights(losses)
         (weights * losses).sum().backward()
         return weights.detach()
@@ -43,15 +63,397 @@ class StaticWeighting(Weighting):
         return self.fixed.to(losses.dtype)
 
 
-def build(name: str, task_names: Sequence[str], weights: dict[str, float] | None = None) -> Weighting:
-    """The weighting named ``name`` (one of ``mtl.engine.WEIGHTINGS``)."""
-    if name == "ew":
-        return EqualWeighting(task_names)
+# --- Loss weightings: one weighted sum of the task losses per step -------------------------------
+
+
+class UncertaintyWeighting(Weighting):
+    """Uncertainty weighting (Kendall, Gal, Cipolla 2018, "Multi-Task Learning Using Uncertainty
+    to Weigh Losses for Scene Geometry and Semantics"): a learnable log-variance s_k per task and
+    the loss sum_k exp(-s_k) L_k + s_k, the common form without the paper's 1/2 factors (the
+    regression and classification cases then read alike). At the optimum of s_k, exp(-s_k) =
+    1 / L_k: each task's weight is the inverse of its loss. Effective weights: exp(-s)."""
+
+    def __init__(self, task_names: Sequence[str]):
+        super().__init__(task_names)
+        self.log_var = nn.Parameter(torch.zeros(len(self.task_names)))
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        weights = torch.exp(-self.log_var)
+        (weights * losses + self.log_var).sum().backward()
+        return weights.detach()
+
+
+class DWA(Weighting):
+    """Dynamic Weight Average (Liu, Johns, Davison 2019, "End-to-End Multi-Task Learning with
+    Attention"): in epoch t, lambda_k = K softmax_k(r(t-1) / T) with r_k(t-1) = L_k(t-1) /
+    L_k(t-2), the ratio of the task's mean training loss over the two previous epochs; weights
+    are 1 in the first two epochs. A task whose loss falls slower gets more weight; the weights
+    always sum to K."""
+
+    def __init__(self, task_names: Sequence[str], *, temperature: float):
+        super().__init__(task_names)
+        self.temperature = temperature
+        self.epoch: int | None = None
+        self.loss_sum: torch.Tensor | None = None  # over the current epoch's steps
+        self.steps = 0
+        self.epoch_means: list[torch.Tensor] = []  # the last two finished epochs
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if step.epoch != self.epoch:
+            if self.steps:
+                self.epoch_means = [*self.epoch_means, self.loss_sum / self.steps][-2:]
+            self.epoch, self.loss_sum, self.steps = step.epoch, torch.zeros_like(losses.detach()), 0
+        if len(self.epoch_means) < 2:
+            weights = torch.ones_like(losses)
+        else:
+            ratio = self.epoch_means[1] / self.epoch_means[0]
+            weights = len(losses) * torch.softmax(ratio / self.temperature, dim=0)
+        self.loss_sum = self.loss_sum + losses.detach()
+        self.steps += 1
+        (weights * losses).sum().backward()
+        return weights.detach()
+
+
+class RLW(Weighting):
+    """Random loss weighting (Lin, Ye, Zhang, Tsang 2022, "Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning"): each step, weights softmax(z) with z drawn
+    from a standard normal by torch's global generator (so seeding reproduces them). The weights
+    are positive and sum to 1."""
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(torch.randn_like(losses.detach()), dim=0)
+
+
+class GradNorm(Weighting):
+    """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich 2018, "GradNorm: Gradient Normalization
+    for Adaptive Loss Balancing in Deep Multitask Networks"). With G_k = w_k |grad_W L_k| the
+    norm of task k's weighted gradient on W, the last shared parameter with ndim >= 2 (the
+    paper's last shared layer), and r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) its relative
+    inverse training rate (L(0): the losses of the first step), the weights descend the loss
+    sum_k |G_k - mean(G) r_k^alpha| (the target held constant) while the network descends
+    sum_k w_k L_k. Tasks that train slower or have smaller gradients gain weight. The weights are
+    K softmax(logits), positive and summing to K by construction; the paper instead updates w
+    directly and renormalises it to sum to K after every step. Without shared parameters (STL)
+    the losses are summed."""
+
+    def __init__(self, task_names: Sequence[str], *, alpha: float):
+        super().__init__(task_names)
+        self.alpha = alpha
+        self.logits = nn.Parameter(torch.zeros(len(self.task_names)))
+        self.initial_losses: torch.Tensor | None = None
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if not step.shared_params:
+            return _sum_backward(losses)
+        matrices = [p for p in step.shared_params if p.ndim >= 2]
+        if not matrices:
+            raise ValueError("gradnorm needs a shared weight matrix (a parameter with ndim >= 2)")
+        if self.initial_losses is None:
+            self.initial_losses = losses.detach().clone()
+        weights = len(losses) * torch.softmax(self.logits, dim=0)
+        norms = torch.stack([torch.autograd.grad(loss, matrices[-1], retain_graph=True)[0].norm()
+                             for loss in losses])
+        grad_norms = weights * norms
+        rates = losses.detach() / self.initial_losses
+        target = (grad_norms.mean() * (rates / rates.mean()) ** self.alpha).detach()
+        (grad_norms - target).abs().sum().backward(inputs=[self.logits])
+        (weights.detach() * losses).sum().backward()
+        return weights.detach()
+
+
+class FAMO(Weighting):
+    """FAMO (Liu, Feng, Stone, Liu 2023, "FAMO: Fast Adaptive Multitask Optimization"): the
+    model descends sum_k z_k log(L_k + eps) / c with z = softmax(xi) and c = sum_k z_k / (L_k +
+    eps) held constant, i.e. task weights z_k / (c (L_k + eps)), which sum to 1; the logits xi
+    then take an Adam step (learning rate ``logit_lr``, weight decay ``gamma``) along the
+    gradient of z with respect to xi applied to delta = log L(before) - log L(after), so that all
+    task losses fall at about the same rate, without any per-task gradient.
+
+    Approximation: the official code measures L(after) on the same batch, with one extra
+    forward pass after the model update; a weighting here sees only each step's losses, so the
+    logits are updated at the next step with that step's losses, measured on the next batch
+    (delta then also holds the batch-to-batch noise). The logits are a buffer stepped by FAMO's
+    own Adam, not by the trainer's optimizer."""
+
+    def __init__(self, task_names: Sequence[str], *, logit_lr: float, gamma: float):
+        super().__init__(task_names)
+        self.logit_lr, self.gamma = logit_lr, gamma
+        self.register_buffer("logits", torch.zeros(len(self.task_names)))
+        self.optimizer: torch.optim.Adam | None = None  # made at the first update, on the device
+        self.previous: torch.Tensor | None = None  # the last step's log losses
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        log_losses = torch.log(losses.detach() + 1e-8)
+        if self.previous is not None:
+            delta = self.previous - log_losses
+            z = torch.softmax(self.logits, dim=0)
+            self.logits.grad = z * (delta - (z * delta).sum())  # (d softmax / d logits)^T delta
+            if self.optimizer is None:
+                self.optimizer = torch.optim.Adam([self.logits], lr=self.logit_lr,
+                                                  weight_decay=self.gamma)
+            self.optimizer.step()
+        self.previous = log_losses
+        weights = torch.softmax(self.logits, dim=0) / (losses.detach() + 1e-8)
+        weights = weights / weights.sum()
+        (weights * losses).sum().backward()
+        return weights
+
+
+# --- Gradient methods: the shared parameters' update combines the per-task gradients -----------
+
+
+def _sum_backward(losses: torch.Tensor) -> torch.Tensor:
+    """Nothing is shared (STL): each task's parameters get their own loss's gradient."""
+    losses.sum().backward()
+    return torch.ones_like(losses.detach())
+
+
+def _jacobian_backward(losses: torch.Tensor, step: Step) -> None:
+    """Each task-specific parameter gets its task's gradient in ``.grad``, each shared parameter
+    the Jacobian of the K losses (one row per task) in ``.jac`` (torchjd).
+
+    With the shared representation (``step.features``): K backward passes through the heads, then
+    one batched (vmap) pass through the trunk. Without it: one batched pass for the Jacobian and
+    one ordinary pass for the task-specific parameters."""
+    if step.features is not None:
+        # retain_graph: the K losses share nodes (at least the trainer's torch.stack), so the graph
+        # must outlive the first head pass; it is freed when the step's tensors are dropped.
+        autojac.mtl_backward(list(losses), features=step.features,
+                             shared_params=step.shared_params, retain_graph=True)
+        return
+    autojac.backward(list(losses), inputs=step.shared_params, retain_graph=True)
+    kept = [p.grad for p in step.shared_params]
+    losses.sum().backward()
+    for p, grad in zip(step.shared_params, kept):
+        p.grad = grad  # the shared parameters get the aggregated Jacobian instead
+
+
+class GradientMethod(Weighting):
+    """Base of the gradient methods: task-specific parameters get their own task's gradient, the
+    shared parameters the aggregation (a torchjd ``Aggregator``) of the Jacobian of the losses
+    over them. Returns the aggregator's weights of the task gradients. Without shared parameters
+    (STL) the losses are summed."""
+
+    def __init__(self, task_names: Sequence[str], aggregator: Aggregator):
+        super().__init__(task_names)
+        self.aggregator = aggregator
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if not step.shared_params:
+            return _sum_backward(losses)
+        _jacobian_backward(losses, step)
+        return autojac.jac_to_grad(step.shared_params, self.aggregator).detach()
+
+
+class MGDA(GradientMethod):
+    """MGDA (Désidéri 2012, "Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization"; as MTL: Sener, Koltun 2018, "Multi-Task Learning as Multi-Objective
+    Optimization"): the minimum-norm point of the convex hull of the task gradients (torchjd's
+    Frank-Wolfe solver, the paper's Algorithm 2). Unless it is zero (a Pareto-stationary
+    point), it decreases every task loss. ``level="params"`` uses the gradients over the shared
+    parameters; ``level="features"`` those over the shared representation (the paper's
+    MGDA-UB: cheaper, K passes through the heads and one through the trunk), which needs a model
+    with one. No gradient normalisation (the official code's optional "l2"/"loss+" modes)."""
+
+    def __init__(self, task_names: Sequence[str], *, level: str):
+        if level not in ("params", "features"):
+            raise ValueError(f"mgda: level must be 'params' or 'features', not '{level}'")
+        super().__init__(task_names, aggregation.MGDA())
+        self.level = level
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.level == "params" or not step.shared_params:
+            return super().backward(losses, step)
+        if step.features is None:
+            raise ValueError("mgda with level 'features' needs a model with one shared "
+                             "representation (this architecture gives none); use level 'params'")
+        grads = autojac.jac(list(losses), step.features, retain_graph=True)[0]
+        alphas = self.aggregator.weighting(grads.flatten(1))
+        combined = torch.tensordot(alphas, grads, dims=1)
+        step.features.register_hook(lambda _: combined)  # the trunk gets sum_k alpha_k grad_k
+        losses.sum().backward()
+        return alphas.detach()
+
+
+class PCGrad(GradientMethod):
+    """PCGrad (Yu, Kumar, Gupta, Levine, Hausman, Finn 2020, "Gradient Surgery for Multi-Task
+    Learning"): each task gradient, in turn and in random order (torch's global generator),
+    loses its component along every other task gradient it conflicts with (negative inner
+    product); the update is the sum of the projected gradients (torchjd, as the paper)."""
+
+    def __init__(self, task_names: Sequence[str]):
+        super().__init__(task_names, aggregation.PCGrad())
+
+
+class CAGrad(GradientMethod):
+    """CAGrad (Liu, Liu, Jin, Stone, Liu 2021, "Conflict-Averse Gradient Descent for Multi-task
+    Learning"): the update d = g0 + (c |g0| / |g_w|) g_w maximises the worst task's decrease
+    within a ball of radius c |g0| around the mean gradient g0; c = 0 gives g0 (torchjd, cvxpy's
+    Clarabel solver). Unlike the official code, the update is not divided by 1 + c^2."""
+
+    def __init__(self, task_names: Sequence[str], *, c: float):
+        super().__init__(task_names, aggregation.CAGrad(c=c))
+
+
+class IMTL(GradientMethod):
+    """IMTL-G (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang 2021, "Towards Impartial Multi-task
+    Learning"): weights summing to 1 such that the update has the same projection on every unit
+    task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly dependent
+    gradients are allowed). The paper applies it to the gradients over the shared
+    representation; here over the shared parameters."""
+
+    def __init__(self, task_names: Sequence[str]):
+        super().__init__(task_names, aggregation.IMTLG())
+
+
+class NashBargaining(aggregation.Weighting):
+    """The weights alpha > 0 of the Nash bargaining solution for the Gramian M = G G^T of the
+    task gradients: (M alpha) * alpha = 1. They minimise the strictly convex, self-concordant
+    f(alpha) = alpha^T M alpha / 2 - sum log alpha, found by damped Newton steps (which keep
+    alpha > 0). Then, if ``max_norm`` > 0, alpha is scaled so that |G^T alpha| <= max_norm."""
+
+    def __init__(self, max_norm: float):
+        super().__init__()
+        self.max_norm = max_norm
+
+    def forward(self, gramian: torch.Tensor, /) -> torch.Tensor:
+        m = gramian.cpu().double()  # K x K: cheap on the CPU, and float64 (which MPS lacks)
+        alpha = 1 / m.diagonal().sqrt()  # the solution when the gradients are orthogonal
+        for _ in range(100):
+            grad = m @ alpha - 1 / alpha
+            newton, singular = torch.linalg.solve_ex(m + torch.diag(alpha ** -2), grad)
+            decrement = float(grad @ newton) ** 0.5
+            if singular or not math.isfinite(decrement):  # diverged: alpha grew without bound
+                break
+            alpha = alpha - newton / (1 + decrement)
+            if decrement < 1e-9:
+                break
+        if not torch.allclose((m @ alpha) * alpha, torch.ones_like(alpha), atol=1e-6):
+            raise RuntimeError("nash_mtl: no Nash bargaining solution: some non-negative "
+                               "combination of the task gradients is zero (e.g. a task "
+                               "without labelled rows in the batch)")
+        norm = float(alpha @ m @ alpha) ** 0.5
+        if self.max_norm > 0 and norm > self.max_norm:
+            alpha = alpha * self.max_norm / norm
+        return alpha.to(gramian)
+
+
+class NashMTL(GradientMethod):
+    """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya 2022, "Multi-Task
+    Learning as a Bargaining Game"): the update sum_k alpha_k g_k with (G^T G alpha) * alpha = 1,
+    the Nash bargaining solution: every task's directional derivative alpha_k g_k^T d is 1, so
+    the update is invariant to each loss's scale. The update's norm is then clipped to
+    ``max_norm`` (the official code clips the shared gradient to 1).
+
+    Own solver, not torchjd's NashMTL: that one (like the official code) approximates the
+    condition with at most 20 convex-concave steps through cvxpy and, when the solver fails,
+    silently reuses the previous weights (equal weights at first); on two conflicting gradients
+    such as [1, 0] and [-1, 1] its weights are far from the condition (measured). Here the
+    condition is solved exactly (Newton), and an error is raised when no solution exists."""
+
+    def __init__(self, task_names: Sequence[str], *, max_norm: float):
+        super().__init__(task_names, aggregation.GramianWeightedAggregator(NashBargaining(max_norm)))
+
+
+class AlignedMTL(GradientMethod):
+    """Aligned-MTL (Senushkin, Patakin, Kuznetsov, Konushin 2023, "Independent Component
+    Alignment for Multi-Task Learning"): the task gradients G = U S V^T are replaced by the
+    aligned ones scale * U V^T, whose singular values are all equal (condition number 1, no
+    dominating or conflicting component), and averaged (torchjd). ``scale_mode``: "min" (the
+    smallest singular value, as LibMTL), "median", or "rmse" (their mean, which torchjd says the
+    original code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
+    sums them: the update is K times smaller."""
+
+    def __init__(self, task_names: Sequence[str], *, scale_mode: str):
+        if scale_mode not in ("min", "median", "rmse"):
+            raise ValueError(f"aligned_mtl: scale_mode must be 'min', 'median' or 'rmse', "
+                             f"not '{scale_mode}'")
+        super().__init__(task_names, aggregation.AlignedMTL(scale_mode=scale_mode))
+
+
+class UPGrad(GradientMethod):
+    """UPGrad (Quinton, Rey 2024, "Jacobian Descent for Multi-Objective Optimization"): each task
+    gradient is projected onto the dual cone of all task gradients and the projections are
+    averaged (torchjd). The update has a non-negative inner product with every task gradient
+    (no task's loss increases to first order) and equals the mean gradient when no two task
+    gradients conflict."""
+
+    def __init__(self, task_names: Sequence[str]):
+        super().__init__(task_names, aggregation.UPGrad())
+
+
+class DualBalance(Aggregator):
+    """DB-MTL's gradient balancing: an exponential moving average of the task gradients (zero at
+    start, rate beta / t^beta_sigma at step t), each scaled to the largest average's norm, then
+    summed. Keeps the weights it used in ``alphas``."""
+
+    def __init__(self, beta: float, beta_sigma: float):
+        super().__init__()
+        self.beta, self.beta_sigma = beta, beta_sigma
+        self.steps = 0
+        self.average: torch.Tensor | None = None
+        self.alphas: torch.Tensor | None = None
+
+    def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
+        self.steps += 1
+        rate = self.beta / self.steps ** self.beta_sigma
+        previous = torch.zeros_like(matrix) if self.average is None else self.average
+        self.average = rate * previous + (1 - rate) * matrix
+        norms = self.average.norm(dim=1)
+        self.alphas = norms.max() / (norms + 1e-8)
+        return self.alphas @ self.average
+
+
+class DBMTL(GradientMethod):
+    """DB-MTL (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Kwok 2023, "Dual-Balancing for Multi-Task
+    Learning"). Loss-scale balancing: every loss becomes log(L_k + eps), for all parameters.
+    Gradient-magnitude balancing, over the shared parameters: the moving average g_k of each
+    task's log-loss gradient (g_k <- beta_t g_k + (1 - beta_t) grad_k from g_k = 0, beta_t =
+    beta / t^beta_sigma) is scaled to the largest norm, so the update sum_k (max_j |g_j| /
+    |g_k|) g_k gives every task a gradient of the same magnitude. Returns those scales."""
+
+    def __init__(self, task_names: Sequence[str], *, beta: float, beta_sigma: float):
+        super().__init__(task_names, DualBalance(beta, beta_sigma))
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        log_losses = torch.log(losses + 1e-8)
+        if not step.shared_params:
+            return _sum_backward(log_losses)
+        _jacobian_backward(log_losses, step)
+        autojac.jac_to_grad(step.shared_params, self.aggregator)
+        return self.aggregator.alphas.detach()
+
+
+CLASSES: dict[str, type[Weighting]] = {
+    "ew": EqualWeighting,
+    "static": StaticWeighting,
+    "uw": UncertaintyWeighting,
+    "dwa": DWA,
+    "rlw": RLW,
+    "gradnorm": GradNorm,
+    "famo": FAMO,
+    "db_mtl": DBMTL,
+    "mgda": MGDA,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
+    "imtl": IMTL,
+    "nash_mtl": NashMTL,
+    "aligned_mtl": AlignedMTL,
+    "upgrad": UPGrad,
+}
+
+
+def build(name: str, task_names: Sequence[str], weights: dict[str, float] | None = None,
+          options: dict | None = None) -> Weighting:
+    """The weighting named ``name`` (a key of ``mtl.engine.WEIGHTING_OPTIONS``) with its options."""
+    if name not in CLASSES:
+        raise ValueError(f"unknown weighting '{name}'")
+    unknown = set(options or {}) - set(WEIGHTING_OPTIONS[name])
+    if unknown:
+        raise ValueError(f"weighting '{name}' has no option {', '.join(sorted(unknown))} "
+                         f"(options: {', '.join(WEIGHTING_OPTIONS[name]) or 'none'})")
     if name == "static":
         if weights is None:
             raise ValueError("static weighting needs one weight per task")
         return StaticWeighting(task_names, weights)
-    raise ValueError(f"unknown weighting '{name}'")
-
-
-BUILDERS = ("ew", "static")  # what ``build`` accepts; kept equal to WEIGHTINGS by a test
+    return CLASSES[name](task_names, **(WEIGHTING_OPTIONS[name] | (options or {})))

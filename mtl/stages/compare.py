@@ -69,11 +69,11 @@ def render(table: dict, baseline: str, exclude: list[str]) -> str:
             best[task, metric] = (max if HIGHER_IS_BETTER[metric] else min)(values)
     arrow = {True: "↑", False: "↓"}
     head = ["variant", "Δm % ↑"] + [f"{t} {m} {arrow[HIGHER_IS_BETTER[m]]}" for t, m in columns]
-    lines = ["# Comparison against single-task learning", "",
-             f"Test-split metrics of every variant. Δm is the mean relative change against the "
+    intro = (f"Test-split metrics of every variant. Δm is the mean relative change against the "
              f"`{baseline}` baseline over tasks and their metrics (sign-flipped where lower is "
              f"better; positive = better than single-task). Left out of Δm: "
-             f"{', '.join(exclude) or 'nothing'}. Best value of each column in bold.", "",
+             f"{', '.join(exclude) or 'nothing'}. Best value of each column in bold.")
+    lines = ["# Comparison against single-task learning", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in table.items():
         dm = row["delta_m"]

@@ -5,6 +5,8 @@ and R² for regression, computed with torchmetrics over labelled rows only)."""
 from __future__ import annotations
 
 import math
+import pickle
+import zipfile
 
 from mtl import paths
 from mtl.config import Params
@@ -20,7 +22,11 @@ def run(params: Params, variant: str) -> None:
     model_path = paths.model_dir(variant) / "model.pt"
     if not model_path.is_file():
         raise UserError(f"{model_path}: file not found (run 'mtl train --variant {variant}' first)")
-    bundle = Bundle.load(model_path)
+    try:
+        bundle = Bundle.load(model_path)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{model_path}: not a loadable model ({reason[:200]})") from None
     test_path = paths.split_path("test")
     table = read_table(test_path)
     require_columns(table, test_path, params)

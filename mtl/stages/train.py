@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import torch
 from dvclive import Live
+from scmrepo.exceptions import SCMError
 
 from mtl import paths
 from mtl.config import Params
@@ -43,16 +43,21 @@ def run(params: Params, variant: str) -> None:
         train_table, numeric, [n for n, f in features.items() if f["kind"] == "categorical"],
         indicators=[n for n in numeric if features[n]["n_missing"] > 0])
     tasks = [task_from_schema(name, schema, train_table) for name in params.data.tasks]
-    layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout}
+    layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
+              "options": spec.arch_options}
     info = {"variant": variant, "weighting": spec.weighting, "weights": spec.weights,
-            "train": cfg.model_dump()}
+            "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
     bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info)
     model = bundle.model.to(device)
-    weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights).to(device)
+    weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
+                                 spec.weighting_options).to(device)
     train = TaskData.from_table(train_table, preprocessor, tasks).to(device)
     val = TaskData.from_table(val_table, preprocessor, tasks).to(device)
 
-    live = Live(str(paths.live_dir(variant)), dvcyaml=False, save_dvc_exp=False)
+    try:
+        live = Live(str(paths.live_dir(variant)), dvcyaml=False, save_dvc_exp=False)
+    except SCMError as exc:  # dvclive 3.49 fails in a git repository without commits
+        raise UserError(f"dvclive cannot log here ({exc}): make a first git commit, then re-run") from None
 
     def log_epoch(epoch: int, values: dict[str, float]) -> None:
         for key, value in values.items():

@@ -1,0 +1,1 @@
+"""Prefect flows over the pipeline's stages (manual runs, scheduled deployments, sweeps)."""

@@ -1,0 +1,162 @@
+"""Architectures on a tiny table: output shapes, what "shared" means, the properties each paper
+defines (softmax gates, cross-stitch mixing, attention masks), training and checkpoints."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from mtl.engine import ARCH_OPTIONS, ARCHITECTURES, archs, weighting
+from mtl.engine.checkpoint import Bundle
+from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
+from mtl.engine.trainer import FitOptions, TaskData, fit, predict
+from tests.test_engine import TASKS, make_table
+
+NEW = ("mmoe", "cgc", "ple", "cross_stitch", "mtan")
+NAMES = [t.name for t in TASKS]
+
+
+def setup(arch: str, options: dict | None = None, hidden=(16, 8), head_hidden=(8,)):
+    """A model on a table with numeric and categorical inputs, its inputs, and its data."""
+    table = make_table()
+    prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
+    torch.manual_seed(0)
+    model = archs.build(arch, lambda: TabularEncoder(prep.num_dim, prep.cardinalities), TASKS,
+                        list(hidden), list(head_hidden), 0.0, options)
+    data = TaskData.from_table(table, prep, TASKS)
+    return model, data.inputs, data
+
+
+def perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_task_gets_its_own_output_shape(arch):
+    model, inputs, _ = setup(arch)
+    assert inputs["num"].shape[1] == 2 and inputs["cat"].shape[1] == 1
+    outputs = model(inputs)
+    assert {name: tuple(out.shape) for name, out in outputs.items()} == {
+        "kind": (120, 3), "flag": (120, 1), "size": (120, 1)}
+
+
+@pytest.mark.parametrize("arch,options", [(a, None) for a in ARCHITECTURES]
+                         + [("ple", {"levels": 3}), ("mmoe", {"experts": 2})])
+def test_shared_parameters_are_exactly_those_every_task_loss_depends_on(arch, options):
+    model, inputs, data = setup(arch, options)
+    params = list(model.parameters())
+    outputs, features = model.forward_with_features(inputs)
+    assert (features is not None) == (arch == "hps")
+    depends = [True] * len(params)
+    for t in TASKS:
+        loss = t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name])
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        depends = [d and g is not None and bool(g.abs().sum() > 0) for d, g in zip(depends, grads)]
+    shared = {id(p) for p in model.shared_parameters()}
+    assert shared <= {id(p) for p in params}
+    assert shared == {id(p) for p, d in zip(params, depends) if d}
+    assert model.selection_groups() == ([([n], model.members[n]) for n in NAMES] if arch == "stl"
+                                        else [(NAMES, model)])
+
+
+def test_arch_options_are_the_constructor_defaults():
+    classes = {"hps": archs.HPS, "stl": archs.STL, "mmoe": archs.MMoE, "cgc": archs.CGC,
+               "ple": archs.PLE, "cross_stitch": archs.CrossStitch, "mtan": archs.MTAN}
+    assert tuple(classes) == ARCHITECTURES
+    for arch, cls in classes.items():
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        assert defaults == ARCH_OPTIONS[arch], arch
+    with pytest.raises(ValueError, match="no option"):
+        setup("cgc", {"experts": 3})
+
+
+@pytest.mark.parametrize("arch,options,widths", [
+    ("mmoe", None, [4]), ("mmoe", {"experts": 3}, [3]),
+    ("cgc", None, [3]), ("ple", {"task_experts": 2, "levels": 3}, [4, 4, 4])])
+def test_gates_are_a_softmax_over_the_experts_a_task_sees(arch, options, widths):
+    model, inputs, _ = setup(arch, options)
+    levels = model.gates(inputs)
+    assert len(levels) == len(widths)
+    for gates, width in zip(levels, widths):
+        for w in gates.values():
+            assert w.shape == (120, width)
+            assert (w >= 0).all()
+            assert torch.allclose(w.sum(dim=1), torch.ones(120))
+
+
+def test_cgc_task_gates_read_only_their_own_and_the_shared_experts():
+    model, inputs, _ = setup("cgc")
+    before = model(inputs)
+    perturb(model.levels[0].specific["flag"])
+    after = model(inputs)
+    assert torch.equal(before["kind"], after["kind"])
+    assert torch.equal(before["size"], after["size"])
+    assert not torch.equal(before["flag"], after["flag"])
+
+
+def test_cross_stitch_at_initialisation_mixes_as_its_matrix_says():
+    model, inputs, _ = setup("cross_stitch", hidden=(16,), head_hidden=())
+    assert torch.allclose(model.stitches[0], torch.tensor([[0.9, 0.05, 0.05],
+                                                           [0.05, 0.9, 0.05],
+                                                           [0.05, 0.05, 0.9]]))
+    x = model.encoder(inputs)
+    kind, flag, size = (model.columns[n][0](x) for n in NAMES)
+    mixed = {"kind": 0.9 * kind + 0.05 * (flag + size),
+             "flag": 0.9 * flag + 0.05 * (kind + size),
+             "size": 0.9 * size + 0.05 * (kind + flag)}
+    outputs = model(inputs)
+    for name in NAMES:
+        assert torch.allclose(outputs[name], model.heads[name](mixed[name]), atol=1e-6)
+
+
+def test_cross_stitch_with_identity_units_keeps_the_columns_apart():
+    model, inputs, _ = setup("cross_stitch")
+    with torch.no_grad():
+        for alpha in model.stitches:
+            alpha.copy_(torch.eye(3))
+    before = model(inputs)
+    perturb(model.columns["flag"])
+    after = model(inputs)
+    assert torch.equal(before["kind"], after["kind"])
+    assert torch.equal(before["size"], after["size"])
+    assert not torch.equal(before["flag"], after["flag"])
+
+
+def test_mtan_masks_lie_strictly_between_zero_and_one():
+    model, inputs, _ = setup("mtan")
+    masks = model.masks(inputs)
+    assert list(masks) == NAMES
+    for layers in masks.values():
+        assert [m.shape for m in layers] == [(120, 16), (120, 8)]
+        for m in layers:
+            assert ((m > 0) & (m < 1)).all()
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_training_end_to_end_reduces_the_validation_loss(arch):
+    model, _, data = setup(arch)
+    logs = []
+    fit(model, TASKS, weighting.build("ew", NAMES), data, data,
+        FitOptions(epochs=8, batch_size=16, lr=1e-2, seed=0),
+        on_epoch=lambda epoch, log: logs.append(log))
+    assert all(math.isfinite(v) for log in logs for v in log.values())
+    for name in NAMES:
+        assert logs[-1][f"val/loss/{name}"] < 0.5 * logs[0][f"val/loss/{name}"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpoint_round_trip_gives_identical_predictions(arch, tmp_path):
+    table = make_table()
+    prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
+    torch.manual_seed(0)
+    bundle = Bundle.create(arch, TASKS, prep, {"hidden": [16, 8], "head_hidden": [8],
+                                               "dropout": 0.1}, {})
+    bundle.save(tmp_path / "model.pt")
+    loaded = Bundle.load(tmp_path / "model.pt")
+    expected = predict(bundle.model, prep.transform(table))
+    got = predict(loaded.model, loaded.preprocessor.transform(table))
+    assert all(torch.equal(expected[name], got[name]) for name in NAMES)

@@ -1,0 +1,266 @@
+"""Each weighting method's defining property on cases small enough to check by hand, the
+gradient contract (task-specific vs shared parameters), options, and a short training run."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtl.engine import WEIGHTING_OPTIONS, archs, weighting
+from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
+from mtl.engine.trainer import FitOptions, TaskData, fit
+from mtl.engine.weighting import Step
+from tests.test_engine import TASKS, make_table
+
+GRADIENT_METHODS = ["mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad"]
+CONFLICTING = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # g1 . g2 = -1
+
+
+def build(name: str, k: int = 2, **options) -> weighting.Weighting:
+    return weighting.build(name, [f"t{i}" for i in range(k)], options=options)
+
+
+def shared_grad(name: str, grads: torch.Tensor, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses g_k . x over a shared vector x at 0; returns (x.grad, the weights used)."""
+    x = nn.Parameter(torch.zeros(grads.shape[1]))
+    used = build(name, len(grads), **options).backward(grads @ x, Step([x]))
+    return x.grad, used
+
+
+# --- loss weightings ------------------------------------------------------------------------------
+
+def test_uw_weights_are_exp_minus_log_variance_and_learn_toward_the_inverse_loss():
+    uw = build("uw")
+    with torch.no_grad():
+        uw.log_var.copy_(torch.tensor([0.5, -1.0]))
+    losses = torch.tensor([2.0, 3.0], requires_grad=True)
+    used = uw.backward(losses, Step([]))
+    s = torch.tensor([0.5, -1.0])
+    assert torch.allclose(used, torch.exp(-s))
+    assert torch.allclose(losses.grad, torch.exp(-s))
+    assert torch.allclose(uw.log_var.grad, 1 - torch.exp(-s) * torch.tensor([2.0, 3.0]))
+
+
+def test_dwa_is_uniform_for_two_epochs_then_follows_the_loss_ratio():
+    dwa = build("dwa")
+    epoch_losses = {0: [[4.0, 2.0], [2.0, 2.0]], 1: [[2.0, 2.0], [1.0, 2.0]], 2: [[1.0, 1.0]],
+                    3: [[1.0, 1.0]]}  # epoch means: (3, 2), (1.5, 2), (1, 1)
+    used = {}
+    for epoch, steps in epoch_losses.items():
+        for values in steps:
+            losses = torch.tensor(values, requires_grad=True)
+            used[epoch] = dwa.backward(losses, Step([], epoch=epoch))
+            assert torch.equal(losses.grad, used[epoch])
+    assert used[0].tolist() == used[1].tolist() == [1.0, 1.0]
+    ratio = torch.tensor([1.5 / 3, 2 / 2])
+    assert torch.allclose(used[2], 2 * torch.softmax(ratio / 2, dim=0))
+    ratio = torch.tensor([1 / 1.5, 1 / 2])
+    assert torch.allclose(used[3], 2 * torch.softmax(ratio / 2, dim=0))
+
+
+def test_rlw_weights_are_a_seeded_random_point_of_the_simplex():
+    def draw() -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        rlw, steps = build("rlw", 3), []
+        for _ in range(2):
+            losses = torch.ones(3, requires_grad=True)
+            steps.append(rlw.backward(losses, Step([])))
+            assert torch.equal(losses.grad, steps[-1])
+        return steps
+
+    first, second = draw()
+    assert (first > 0).all() and math.isclose(float(first.sum()), 1.0, rel_tol=1e-6)
+    assert not torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(draw(), [first, second]))
+
+
+def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    gradnorm = build("gradnorm")
+    w = nn.Parameter(torch.zeros(1, 2))  # the last shared weight matrix
+    grads = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # |grad_W L_k| = 3 and 1
+    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w]))
+    assert used.tolist() == [1.0, 1.0]
+    assert torch.allclose(w.grad, grads.sum(0, keepdim=True))  # sum_k w_k grad_k
+    # First step: r_k = 1, target = mean(G) = 2; d/dw sum|G_k - 2| = (3, -1); dw/dlogits =
+    # K (diag(z) - z z^T) with z = (1/2, 1/2) gives (2, -2): task 0's logit is pushed down.
+    assert torch.allclose(gradnorm.logits.grad, torch.tensor([2.0, -2.0]))
+    with torch.no_grad():
+        gradnorm.logits -= 0.5 * gradnorm.logits.grad
+    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w]))
+    assert (used > 0).all() and math.isclose(float(used.sum()), 2.0, rel_tol=1e-6)
+    assert used[0] < 1.0 < used[1]
+
+
+def test_famo_updates_its_logits_from_the_change_in_log_loss():
+    famo = build("famo")
+    losses = torch.tensor([1.0, 1.0], requires_grad=True)
+    assert famo.backward(losses, Step([])).tolist() == [0.5, 0.5]  # z / (c L), z = (1/2, 1/2)
+    losses = torch.tensor([math.exp(-1), 1.0], requires_grad=True)
+    used = famo.backward(losses, Step([]))
+    # delta = log L(before) - log L(after) = (1, 0); the softmax's Jacobian gives the logits the
+    # gradient (1/4, -1/4); Adam's first step moves each logit by lr against its gradient's sign.
+    assert torch.allclose(famo.logits, torch.tensor([-0.025, 0.025]))
+    z = torch.softmax(torch.tensor([-0.025, 0.025]), dim=0)
+    expected = z / losses.detach()
+    assert torch.allclose(used, expected / expected.sum())
+    assert torch.allclose(losses.grad, used)
+    assert math.isclose(float(used.sum()), 1.0, rel_tol=1e-6)
+
+
+def test_db_mtl_balances_the_moving_average_of_the_log_loss_gradients():
+    db = build("db_mtl")
+    x, head = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    grads = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    scales = torch.tensor([5.0, 0.1])  # log(c e^{g.x}) has gradient g whatever the scale c
+
+    def step() -> torch.Tensor:
+        x.grad = head.grad = None
+        losses = scales * torch.exp(grads @ x + torch.cat([head, torch.zeros(1)]))
+        return db.backward(losses, Step([x]))
+
+    assert torch.allclose(step(), torch.tensor([1.0, 3.0]))  # max norm / own norm
+    assert torch.allclose(x.grad, 0.1 * (grads[0] + 3 * grads[1]))  # average = (1 - beta) g
+    assert torch.allclose(head.grad, torch.ones(1))  # the log loss's own gradient
+    step()
+    assert torch.allclose(x.grad, 0.19 * (grads[0] + 3 * grads[1]))  # 0.9 * 0.1 g + 0.1 g
+
+
+# --- gradient methods -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grads", [CONFLICTING, torch.tensor([[1.0, 1.0], [2.0, 2.0]]),
+                                   torch.tensor([[2.0, 0.0], [0.0, 1.0]])])
+def test_mgda_matches_the_two_task_min_norm_closed_form(grads):
+    g1, g2 = grads
+    alpha = ((g2 - g1) @ g2 / (g1 - g2).square().sum()).clamp(0, 1)
+    grad, used = shared_grad("mgda", grads)
+    assert torch.allclose(used, torch.stack([alpha, 1 - alpha]), atol=1e-5)
+    assert torch.allclose(grad, alpha * g1 + (1 - alpha) * g2, atol=1e-5)
+
+
+def test_mgda_over_the_features_weighs_the_representation_gradients():
+    x = nn.Parameter(torch.ones(2))
+    heads = nn.Parameter(torch.ones(2))
+    features = 2 * x  # the shared representation
+    h = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # d L_k / d features = h_k
+    losses = heads * (h @ features)
+    used = build("mgda", level="features").backward(losses, Step([x], features))
+    alpha = torch.tensor([0.2, 0.8])  # closed form: ((h2 - h1) . h2) / |h1 - h2|^2 = 1/5
+    assert torch.allclose(used, alpha, atol=1e-5)
+    assert torch.allclose(x.grad, 2 * alpha @ h, atol=1e-5)  # through the trunk: 2 sum alpha_k h_k
+    assert torch.allclose(heads.grad, h @ features.detach())  # each head: its own loss, unweighted
+    with pytest.raises(ValueError, match="mgda"):
+        build("mgda", level="features").backward(h @ x, Step([x]))
+
+
+def test_pcgrad_removes_the_conflicting_components():
+    g1, g2 = CONFLICTING
+    grad, _ = shared_grad("pcgrad", CONFLICTING)
+    # The paper's update is the sum (not the mean) of the projected gradients; so is torchjd's.
+    expected = g1 - (g1 @ g2) / (g2 @ g2) * g2 + g2 - (g2 @ g1) / (g1 @ g1) * g1
+    assert torch.allclose(grad, expected)
+
+
+def test_cagrad_is_the_mean_gradient_for_c_zero_and_improves_the_worst_task_otherwise():
+    mean = CONFLICTING.mean(0)
+    grad, used = shared_grad("cagrad", CONFLICTING, c=0.0)
+    assert torch.allclose(grad, mean, atol=1e-6) and torch.allclose(used, torch.full((2,), 0.5))
+    grad, _ = shared_grad("cagrad", CONFLICTING)  # c = 0.4
+    assert math.isclose(float((grad - mean).norm()), 0.4 * float(mean.norm()), rel_tol=1e-4)
+    assert (CONFLICTING @ grad).min() > (CONFLICTING @ mean).min() + 0.1
+
+
+def test_imtl_gives_equal_projections_on_every_unit_task_gradient():
+    grads = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.0], [0.5, 0.5, 3.0]])
+    grad, used = shared_grad("imtl", grads)
+    projections = grads @ grad / grads.norm(dim=1)
+    assert torch.allclose(projections, projections[0].expand(3), atol=1e-5)
+    assert math.isclose(float(used.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_nash_mtl_solves_the_bargaining_condition_and_clips_the_norm():
+    gram = CONFLICTING @ CONFLICTING.T
+    grad, alpha = shared_grad("nash_mtl", CONFLICTING, max_norm=0.0)
+    assert torch.allclose((gram @ alpha) * alpha, torch.ones(2), atol=1e-5)
+    assert torch.allclose(grad, alpha @ CONFLICTING)
+    clipped, _ = shared_grad("nash_mtl", CONFLICTING)  # max_norm = 1
+    assert math.isclose(float(clipped.norm()), 1.0, rel_tol=1e-5)
+    assert torch.allclose(clipped, grad / grad.norm(), atol=1e-6)
+    with pytest.raises(RuntimeError, match="nash_mtl"):  # opposite gradients: no solution
+        shared_grad("nash_mtl", torch.tensor([[1.0, 0.0], [-2.0, 0.0]]))
+
+
+def test_aligned_mtl_averages_the_aligned_gradients_of_condition_number_one():
+    grads = torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    u, s, vt = torch.linalg.svd(grads, full_matrices=False)
+    aligned = s.min() * u @ vt  # every singular value equal to the smallest of the gradients'
+    assert torch.allclose(torch.linalg.svdvals(aligned), s.min().expand(2))
+    grad, _ = shared_grad("aligned_mtl", grads)
+    assert torch.allclose(grad, aligned.mean(0), atol=1e-5)
+
+
+def test_upgrad_conflicts_with_no_task_and_is_the_mean_without_conflict():
+    grads = torch.tensor([[1.0, 0.0, 0.0], [-2.0, 1.0, 0.0], [-1.0, -1.0, 0.5]])
+    grad, _ = shared_grad("upgrad", grads)
+    assert (grads @ grad >= -1e-5).all()
+    assert (grads.mean(0) @ grads.T < 0).any()  # the mean would increase a loss
+    grads = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    grad, _ = shared_grad("upgrad", grads)
+    assert torch.allclose(grad, grads.mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS + ["db_mtl"])
+def test_gradient_methods_give_task_parameters_their_own_gradient(name):
+    """With or without the shared representation, the heads get their own loss's gradient and
+    the shared parameter the same aggregated gradient (and no ``.jac`` left behind)."""
+    shared_grads = []
+    for with_features in (True, False):
+        x = nn.Parameter(torch.tensor([1.0, 2.0]))
+        heads = nn.Parameter(torch.tensor([1.0, -1.0]))
+        features = x * 1.0
+        losses = torch.exp(heads * (CONFLICTING @ features))  # positive, for db_mtl's log
+        build(name).backward(losses, Step([x], features if with_features else None))
+        inner = (CONFLICTING @ x).detach()
+        own = inner if name == "db_mtl" else inner * torch.exp(heads.detach() * inner)
+        assert torch.allclose(heads.grad, own)
+        assert not hasattr(x, "jac")
+        shared_grads.append(x.grad)
+    assert torch.isfinite(shared_grads[0]).all()
+    assert torch.allclose(*shared_grads, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS + ["gradnorm"])
+def test_without_shared_parameters_the_losses_are_summed(name):
+    losses = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert build(name).backward(losses, Step([])).tolist() == [1.0, 1.0]
+    assert losses.grad.tolist() == [1.0, 1.0]
+
+
+# --- options and training -------------------------------------------------------------------------
+
+def test_options_reach_the_method_and_unknown_ones_raise():
+    assert build("cagrad", c=0.1).aggregator.c == 0.1
+    assert build("cagrad").aggregator.c == WEIGHTING_OPTIONS["cagrad"]["c"]
+    assert build("dwa", temperature=5.0).temperature == 5.0
+    with pytest.raises(ValueError, match="no option cc"):
+        build("cagrad", cc=0.1)
+    with pytest.raises(ValueError, match="level"):
+        build("mgda", level="layers")
+    with pytest.raises(ValueError, match="scale_mode"):
+        build("aligned_mtl", scale_mode="max")
+
+
+@pytest.mark.parametrize("name", [n for n in WEIGHTING_OPTIONS if n != "static"])
+def test_every_method_trains_a_shared_model(name):
+    table = make_table()
+    prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
+    data = TaskData.from_table(table, prep, TASKS)
+    torch.manual_seed(0)
+    model = archs.HPS(TabularEncoder(prep.num_dim, prep.cardinalities), TASKS, [16], [8], 0.0)
+    logs = []
+    method = weighting.build(name, [t.name for t in TASKS])
+    fit(model, TASKS, method, data, data, FitOptions(epochs=6, batch_size=16, lr=1e-2),
+        on_epoch=lambda epoch, log: logs.append(log))
+    assert all(math.isfinite(v) for log in logs for k, v in log.items() if "auroc" not in k)
+    total = [sum(log[f"val/loss/{t.name}"] for t in TASKS) for log in logs]
+    assert total[-1] < 0.8 * total[0], total
