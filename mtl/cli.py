@@ -64,12 +64,15 @@ def split(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 @app.command()
 def train(variant: VariantOption, params: ParamsOption = Path("params.yaml"),
-          set_: SetOption = None) -> None:
+          set_: SetOption = None,
+          resume: Annotated[bool, typer.Option(
+              "--resume", help="Continue from models/<variant>/checkpoint.pt (written after "
+                               "every epoch) if it exists.")] = False) -> None:
     """Train one variant -> models/<variant>/model.pt and dvclive/<variant>/."""
     with user_errors():
         from mtl.stages import train as stage
 
-        stage.run(load_params(params, set_), variant)
+        stage.run(load_params(params, set_), variant, resume=resume)
 
 
 @app.command()

@@ -40,6 +40,12 @@ class DataConfig(Section):
     """Feature columns; ``null`` takes every column that is not a target, the id or in ``drop``."""
     categorical: list[str] = []
     """Columns to treat as categorical although their type is numeric."""
+    text: list[str] = []
+    """Free-text columns (encoded by ``encoders.text``)."""
+    image: list[str] = []
+    """Binary columns of raw uint8 grey-scale pixels, row-major, all of one shape."""
+    image_shape: list[int] | None = None
+    """``[height, width]`` of the images; ``null`` = square images."""
     drop: list[str] = []
 
     @model_validator(mode="after")
@@ -55,7 +61,56 @@ class DataConfig(Section):
         for col in self.features or []:
             if col in targets:
                 raise ValueError(f"data.features: '{col}' is a task's target and cannot be a feature")
+        declared: dict[str, str] = {}
+        for key in ("categorical", "text", "image"):
+            for col in getattr(self, key):
+                if col in targets:
+                    raise ValueError(f"data.{key}: '{col}' is a task's target and cannot be a feature")
+                if col in declared:
+                    raise ValueError(f"data.{key}: '{col}' is also listed in data.{declared[col]}")
+                declared[col] = key
+        if self.image_shape is not None and (len(self.image_shape) != 2 or min(self.image_shape) < 1):
+            raise ValueError("data.image_shape: expected [height, width], two positive integers")
         return self
+
+
+def _ngram_range(value: list[int] | None) -> list[int] | None:
+    if value is not None and (len(value) != 2 or not 1 <= value[0] <= value[1]):
+        raise ValueError("expected [min, max] with 1 <= min <= max")
+    return value
+
+
+class HashingConfig(Section):
+    """The hashed text encoder: word and character n-grams hashed into ``buckets`` ids."""
+
+    buckets: int = Field(2**16, ge=1, le=2**24)
+    word_ngrams: list[int] = [1, 2]
+    char_ngrams: list[int] | None = [3, 5]
+    """Character n-grams of each word (``null``: none)."""
+    max_tokens: int = Field(512, ge=1)
+    """n-gram ids kept per text column and row (word n-grams first)."""
+
+    _ranges = field_validator("word_ngrams", "char_ngrams")(_ngram_range)
+
+
+class EncodersConfig(Section):
+    """How text and image features become vectors (``train``)."""
+
+    text: Literal["hashed", "minilm"] = "hashed"
+    """``hashed`` n-gram embeddings learned with the model, or frozen ``minilm`` sentence
+    embeddings (all-MiniLM-L6-v2, the optional extra ``text``)."""
+    hashing: HashingConfig = HashingConfig()
+    dim: int = Field(32, ge=1)
+    """Output width of the text encoder and of the image encoder."""
+    image_channels: list[int] = Field([16, 32], min_length=1)
+    """Widths of the image CNN's convolutions (each: 3x3 conv, ReLU, 2x2 max-pool)."""
+
+    @field_validator("image_channels")
+    @classmethod
+    def _positive(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 for w in widths):
+            raise ValueError("channel widths must be positive integers")
+        return widths
 
 
 class AugmentConfig(Section):
@@ -99,6 +154,28 @@ class TrainConfig(Section):
     """Early stopping: epochs without a better validation loss (0 = never stop early)."""
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.0, ge=0, lt=1)
+    """SGD only."""
+    schedule: Literal["none", "cosine", "step", "plateau"] = "none"
+    """Learning rate per epoch: constant, cosine to 0 at the end, times ``gamma`` every
+    ``step_size`` epochs, or times ``gamma`` after ``plateau_patience`` epochs without a better
+    summed validation loss."""
+    warmup_epochs: int = Field(0, ge=0)
+    """Linear warm-up: epoch e < warmup_epochs trains at lr (e + 1) / (warmup_epochs + 1)."""
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(10, ge=0)
+    clip_grad_norm: float = Field(0.0, ge=0)
+    """Largest global gradient norm (of each network for ``stl``); 0 = no clipping."""
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches of ``batch_size`` rows per optimizer step (gradient accumulation)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto`` = bf16 autocast on CUDA, fp32 elsewhere; bf16 needs CUDA."""
+    compile: bool = False
+    """``torch.compile`` the model's forward pass."""
+    deterministic: bool = False
+    """Deterministic algorithms only (``torch.use_deterministic_algorithms``, cuDNN, cuBLAS)."""
 
     @field_validator("hidden", "head_hidden")
     @classmethod
@@ -106,6 +183,16 @@ class TrainConfig(Section):
         if any(w < 1 for w in widths):
             raise ValueError("layer widths must be positive integers")
         return widths
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError("momentum applies to optimizer sgd only")
+        if self.schedule != "none" and self.warmup_epochs >= self.epochs:
+            raise ValueError("warmup_epochs must be below epochs, leaving epochs to schedule")
+        if self.precision == "bf16" and self.device in ("cpu", "mps"):
+            raise ValueError(f"precision bf16 needs a CUDA device, not {self.device}")
+        return self
 
 
 class Variant(Section):
@@ -166,6 +253,7 @@ class Params(Section):
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     variants: dict[str, Variant] = Field(min_length=1)
+    encoders: EncodersConfig = EncodersConfig()
     compare: CompareConfig = CompareConfig()
     sweep: SweepConfig = SweepConfig()
 

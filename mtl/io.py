@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mtl import sources
 from mtl.errors import UserError
 
 # Strings read as missing values in CSV files ("?" is how UCI data sets mark them).
@@ -83,13 +84,24 @@ def penguins_csv() -> Path:
     return Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
 
 
-BUILTIN_SOURCES = {"penguins": penguins_csv}
+def penguins(limit: int | None = None) -> pa.Table:
+    table = read_table(penguins_csv())
+    return table if limit is None else table.slice(0, limit)
+
+
+# Built-in data sets: name -> reader taking an optional row limit ("name:N" in data.source).
+BUILTIN_SOURCES = {"penguins": penguins, "multifashion": sources.multifashion,
+                   "tweets": sources.tweets, "adult": sources.adult}
 
 
 def read_source(source: str) -> pa.Table:
-    """A built-in data set by name, or every CSV/Parquet file matching a path or glob."""
-    if source in BUILTIN_SOURCES:
-        return read_table(BUILTIN_SOURCES[source]())
+    """A built-in data set by name (``name:N`` keeps its first N rows), or every CSV/Parquet
+    file matching a path or glob."""
+    name, colon, limit = source.partition(":")
+    if name in BUILTIN_SOURCES:
+        if colon and not (limit.isdigit() and int(limit) > 0):
+            raise UserError(f"data.source: '{source}': after '{name}:' put a positive number of rows")
+        return BUILTIN_SOURCES[name](int(limit) if colon else None)
     paths = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else [source]
     if not paths:
         raise UserError(f"data.source: no file matches '{source}'")

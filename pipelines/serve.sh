@@ -13,7 +13,8 @@ mkdir -p "$run_dir"
 stop() {
   for name in worker server; do
     if [ -f "$run_dir/$name.pid" ]; then
-      kill "$(cat "$run_dir/$name.pid")" 2>/dev/null && echo "stopped $name" || true
+      pid=$(cat "$run_dir/$name.pid")
+      { kill -- "-$pid" || kill "$pid"; } 2>/dev/null && echo "stopped $name" || true
       rm -f "$run_dir/$name.pid"
     fi
   done

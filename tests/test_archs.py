@@ -9,7 +9,7 @@ import torch
 
 from mtl.engine import ARCH_OPTIONS, ARCHITECTURES, archs, weighting
 from mtl.engine.checkpoint import Bundle
-from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
+from mtl.engine.encoders import Preprocessor, TabularEncoder, TabularPreprocessor
 from mtl.engine.trainer import FitOptions, TaskData, fit, predict
 from tests.test_engine import TASKS, make_table
 
@@ -151,7 +151,7 @@ def test_training_end_to_end_reduces_the_validation_loss(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_checkpoint_round_trip_gives_identical_predictions(arch, tmp_path):
     table = make_table()
-    prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
+    prep = Preprocessor(TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[]))
     torch.manual_seed(0)
     bundle = Bundle.create(arch, TASKS, prep, {"hidden": [16, 8], "head_hidden": [8],
                                                "dropout": 0.1}, {})

@@ -6,7 +6,7 @@ import torch
 
 from mtl.engine import ARCHITECTURES, WEIGHTINGS, weighting
 from mtl.engine.checkpoint import Bundle
-from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
+from mtl.engine.encoders import Preprocessor, TabularEncoder, TabularPreprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit, predict
 from mtl.engine.weighting import Step
@@ -33,7 +33,7 @@ def make_table(n: int = 120, seed: int = 0) -> pa.Table:
 
 
 def make_bundle(arch: str, table: pa.Table) -> Bundle:
-    prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
+    prep = Preprocessor(TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[]))
     torch.manual_seed(0)
     return Bundle.create(arch, TASKS, prep, {"hidden": [16], "head_hidden": [8], "dropout": 0.0}, {})
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from mtl import paths
@@ -102,6 +103,27 @@ def test_metrics_plots_and_experiments_show(project):
             "train.epochs"} <= set(columns)
     workspace = dict(zip(columns, next(r for r in rows if ",workspace," in r).split(",")))
     assert float(workspace["stl.delta_m"]) == 0.0
+
+
+def test_train_resumes_from_its_checkpoint(project):
+    """`mtl train --resume` continues from the checkpoint `dvc repro` left (4 epochs) and ends
+    as a 6-epoch run from scratch; a checkpoint of other options is refused. Runs last on
+    `project`, whose outputs it changes."""
+    root, _ = project
+    model_dir, six = root / "models/hps-ew", ["--variant", "hps-ew", "--set", "train.epochs=6"]
+    assert "resumed at epoch 4" in run(["mtl", "train", *six, "--resume"], root).stdout
+    info = json.loads((model_dir / "train.json").read_text())
+    assert (info["epochs_run"], info["resumed_at_epoch"]) == (6, 4)
+    assert info["precision"] == ("bf16" if info["device"] == "cuda" else "fp32")
+    assert info["deterministic"] is False
+    assert json.loads((root / "dvclive/hps-ew/metrics.json").read_text())["step"] == 5
+    resumed = torch.load(model_dir / "model.pt", weights_only=True)["state_dict"]
+    run(["mtl", "train", *six], root)
+    fresh = torch.load(model_dir / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    failed = run(["mtl", "train", *six, "--set", "train.lr=0.1", "--resume"], root, check=False)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: --resume: ")
+    assert "lr=" in failed.stderr and len(failed.stderr.splitlines()) == 1
 
 
 def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):

@@ -1,9 +1,16 @@
-"""Feature encoders. Tabular: numeric columns standardised with train-split statistics (missing
-values imputed with the train mean plus a missing-indicator), categorical columns embedded with
-index 0 reserved for unseen or missing categories."""
+"""Feature encoders: a ``Preprocessor`` turns a table into input tensors, one part per feature
+kind, and the ``FeatureEncoder`` built from it maps those tensors to one vector per row.
+
+- Tabular: numeric columns standardised with train-split statistics (missing values imputed
+  with the train mean plus a missing-indicator), categorical columns embedded with index 0
+  reserved for unseen or missing categories.
+- Text: hashed n-gram embeddings or frozen MiniLM sentence embeddings (``mtl.engine.text``).
+- Image: a small CNN over raw grey-scale pixels (``mtl.engine.image``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -11,6 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
+
+from mtl.engine.image import ImageInput, SmallCNN
+from mtl.engine.text import HashedText, HashedTextEncoder, MiniLMText
 
 
 @dataclass(frozen=True)
@@ -87,4 +97,85 @@ class TabularEncoder(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [inputs["num"]] + [emb(inputs["cat"][:, i]) for i, emb in enumerate(self.embeddings)]
+        return torch.cat(parts, dim=1)
+
+
+TEXT_PARTS = {"hashed": HashedText, "minilm": MiniLMText}
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """A table -> the model's inputs: "num" and "cat" from the tabular part, plus "text"
+    (hashed n-gram ids) or "text_emb" (MiniLM embeddings), and "image" where such columns exist.
+    Its state holds plain values only, for ``torch.load(weights_only=True)``."""
+
+    tabular: TabularPreprocessor
+    text: HashedText | MiniLMText | None = None
+    image: ImageInput | None = None
+
+    @classmethod
+    def fit(cls, table: pa.Table, features: dict[str, dict], text: str = "hashed",
+            hashing: dict | None = None) -> Preprocessor:
+        """``features``: each column's record in schema.json (kind, n_missing, image shape);
+        ``hashing``: keyword arguments of ``HashedText`` (buckets, n-gram ranges, max_tokens)."""
+        of = lambda kind: [name for name, f in features.items() if f["kind"] == kind]
+        numeric = of("numeric")
+        tabular = TabularPreprocessor.fit(table, numeric, of("categorical"),
+                                          indicators=[n for n in numeric if features[n]["n_missing"] > 0])
+        texts, images = tuple(of("text")), tuple(of("image"))
+        text_part = None
+        if texts and text == "minilm":
+            text_part = MiniLMText(texts)
+        elif texts:
+            text_part = HashedText(texts, **_tuples(hashing or {}))
+        image_part = ImageInput(images, tuple(features[images[0]]["shape"])) if images else None
+        return cls(tabular, text_part, image_part)
+
+    def transform(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        inputs = self.tabular.transform(table)
+        for part in (self.text, self.image):
+            if part is not None:
+                inputs |= part.transform(table)
+        return inputs
+
+    def state(self) -> dict:
+        text = None if self.text is None else {
+            "kind": next(k for k, c in TEXT_PARTS.items() if isinstance(self.text, c))} | asdict(self.text)
+        return {"tabular": self.tabular.state(), "text": text,
+                "image": None if self.image is None else asdict(self.image)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Preprocessor:
+        text = state["text"]
+        return cls(TabularPreprocessor.from_state(state["tabular"]),
+                   None if text is None else TEXT_PARTS[text["kind"]](
+                       **_tuples({k: v for k, v in text.items() if k != "kind"})),
+                   None if state["image"] is None else ImageInput(**_tuples(state["image"])))
+
+
+def _tuples(values: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+class FeatureEncoder(nn.Module):
+    """The inputs of a ``Preprocessor`` -> [N, out_dim]: the ``TabularEncoder``'s output
+    concatenated with, where present, the ``HashedTextEncoder``'s, a linear projection of the
+    MiniLM embeddings, and the ``SmallCNN``'s (text and image parts each ``dim`` wide)."""
+
+    def __init__(self, preprocessor: Preprocessor, dim: int = 32,
+                 image_channels: Sequence[int] = (16, 32)):
+        super().__init__()
+        p = preprocessor
+        self.tabular = TabularEncoder(p.tabular.num_dim, p.tabular.cardinalities)
+        self.parts = nn.ModuleDict()  # input name -> its encoder
+        if isinstance(p.text, HashedText):
+            self.parts["text"] = HashedTextEncoder(p.text.buckets, dim)
+        elif isinstance(p.text, MiniLMText):
+            self.parts["text_emb"] = nn.Linear(p.text.dim, dim)
+        if p.image is not None:
+            self.parts["image"] = SmallCNN(len(p.image.columns), p.image.shape, image_channels, dim)
+        self.out_dim = self.tabular.out_dim + dim * len(self.parts)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [self.tabular(inputs)] + [enc(inputs[name]) for name, enc in self.parts.items()]
         return torch.cat(parts, dim=1)

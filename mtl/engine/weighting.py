@@ -29,7 +29,9 @@ class Weighting(nn.Module):
 
     ``backward(losses, step)`` must leave the gradient of every parameter in ``.grad`` and return
     the task weights it used (detached, shape [K]) for logging. Loss-weighting methods only
-    override ``weights``; gradient methods override ``backward``.
+    override ``weights``; gradient methods override ``backward``. State that is neither a
+    parameter nor a buffer goes through ``get_extra_state``, so that the trainer's checkpoints
+    hold it and a resumed run continues exactly.
     """
 
     def __init__(self, task_names: Sequence[str]):
@@ -48,8 +50,9 @@ class Weighting(nn.Module):
 class EqualWeighting(Weighting):
     """Equal weights: the plain sum of task losses."""
 
-    def weights(self, losses: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(losses)
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        losses.sum().backward()
+        return torch.ones_like(losses.detach())
 
 
 class StaticWeighting(Weighting):
@@ -98,6 +101,14 @@ class DWA(Weighting):
         self.steps = 0
         self.epoch_means: list[torch.Tensor] = []  # the last two finished epochs
 
+    def get_extra_state(self) -> dict:
+        return {"epoch": self.epoch, "loss_sum": self.loss_sum, "steps": self.steps,
+                "epoch_means": self.epoch_means}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.epoch, self.loss_sum, self.steps = state["epoch"], state["loss_sum"], state["steps"]
+        self.epoch_means = list(state["epoch_means"])
+
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if step.epoch != self.epoch:
             if self.steps:
@@ -142,6 +153,12 @@ class GradNorm(Weighting):
         self.logits = nn.Parameter(torch.zeros(len(self.task_names)))
         self.initial_losses: torch.Tensor | None = None
 
+    def get_extra_state(self) -> dict:
+        return {"initial_losses": self.initial_losses}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.initial_losses = state["initial_losses"]
+
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if not step.shared_params:
             return _sum_backward(losses)
@@ -182,16 +199,28 @@ class FAMO(Weighting):
         self.optimizer: torch.optim.Adam | None = None  # made at the first update, on the device
         self.previous: torch.Tensor | None = None  # the last step's log losses
 
+    def get_extra_state(self) -> dict:
+        return {"previous": self.previous,
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.previous = state["previous"]
+        if state["optimizer"] is not None:
+            for param_state in state["optimizer"]["state"].values():
+                param_state["step"] = param_state["step"].cpu()  # as torch.optim keeps it
+            self._make_optimizer().load_state_dict(state["optimizer"])
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        self.optimizer = torch.optim.Adam([self.logits], lr=self.logit_lr, weight_decay=self.gamma)
+        return self.optimizer
+
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         log_losses = torch.log(losses.detach() + 1e-8)
         if self.previous is not None:
             delta = self.previous - log_losses
             z = torch.softmax(self.logits, dim=0)
             self.logits.grad = z * (delta - (z * delta).sum())  # (d softmax / d logits)^T delta
-            if self.optimizer is None:
-                self.optimizer = torch.optim.Adam([self.logits], lr=self.logit_lr,
-                                                  weight_decay=self.gamma)
-            self.optimizer.step()
+            (self.optimizer or self._make_optimizer()).step()
         self.previous = log_losses
         weights = torch.softmax(self.logits, dim=0) / (losses.detach() + 1e-8)
         weights = weights / weights.sum()
@@ -268,8 +297,8 @@ class MGDA(GradientMethod):
             raise ValueError("mgda with level 'features' needs a model with one shared "
                              "representation (this architecture gives none); use level 'params'")
         grads = autojac.jac(list(losses), step.features, retain_graph=True)[0]
-        alphas = self.aggregator.weighting(grads.flatten(1))
-        combined = torch.tensordot(alphas, grads, dims=1)
+        alphas = self.aggregator.weighting(grads.flatten(1).float())  # fp32 also under bf16
+        combined = torch.tensordot(alphas.to(grads.dtype), grads, dims=1)
         step.features.register_hook(lambda _: combined)  # the trunk gets sum_k alpha_k grad_k
         losses.sum().backward()
         return alphas.detach()
@@ -393,6 +422,12 @@ class DualBalance(Aggregator):
         self.steps = 0
         self.average: torch.Tensor | None = None
         self.alphas: torch.Tensor | None = None
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "average": self.average}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps, self.average = state["steps"], state["average"]
 
     def forward(self, matrix: torch.Tensor, /) -> torch.Tensor:
         self.steps += 1

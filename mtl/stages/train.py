@@ -1,6 +1,11 @@
 """train@<variant>: the train and val splits -> a trained model (``models/<variant>/model.pt``)
 and per-epoch losses, validation metrics and task weights logged with dvclive
-(``dvclive/<variant>``)."""
+(``dvclive/<variant>``).
+
+After every epoch the whole training state goes to ``models/<variant>/checkpoint.pt`` (inside
+the stage's DVC output, so it is kept with the model); ``mtl train --variant V --resume``
+continues from it, with the same result as a run that was never interrupted. ``dvc repro``
+always trains from scratch (DVC removes the output before running the stage)."""
 
 from __future__ import annotations
 
@@ -15,15 +20,23 @@ from mtl import paths
 from mtl.config import Params
 from mtl.engine import weighting as weightings
 from mtl.engine.checkpoint import Bundle
-from mtl.engine.encoders import TabularPreprocessor
+from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
-from mtl.engine.trainer import FitOptions, TaskData, fit, seed_everything, select_device
+from mtl.engine.trainer import (
+    CheckpointMismatch,
+    FitOptions,
+    TaskData,
+    fit,
+    resolve_precision,
+    seed_everything,
+    select_device,
+)
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_json, read_table, write_json
 from mtl.stages.common import require_columns
 
 
-def run(params: Params, variant: str) -> None:
+def run(params: Params, variant: str, resume: bool = False) -> None:
     cfg = params.variant_train(variant)
     spec = params.variants[variant]
     schema = read_json(paths.SCHEMA)
@@ -37,17 +50,22 @@ def run(params: Params, variant: str) -> None:
 
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
-    features = schema["features"]
-    numeric = [n for n, f in features.items() if f["kind"] == "numeric"]
-    preprocessor = TabularPreprocessor.fit(
-        train_table, numeric, [n for n, f in features.items() if f["kind"] == "categorical"],
-        indicators=[n for n in numeric if features[n]["n_missing"] > 0])
+    try:
+        precision = resolve_precision(cfg.precision, device)
+    except ValueError as exc:
+        raise UserError(f"train.precision: {exc}") from None
+    out = paths.model_dir(variant)
+    checkpoint = out / "checkpoint.pt"
+    resume = resume and checkpoint.exists()
+    enc = params.encoders
+    preprocessor = Preprocessor.fit(train_table, schema["features"], enc.text, enc.hashing.model_dump())
     tasks = [task_from_schema(name, schema, train_table) for name in params.data.tasks]
     layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
               "options": spec.arch_options}
     info = {"variant": variant, "weighting": spec.weighting, "weights": spec.weights,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
-    bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info)
+    bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
+                           {"dim": enc.dim, "image_channels": enc.image_channels})
     model = bundle.model.to(device)
     weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
                                  spec.weighting_options).to(device)
@@ -55,31 +73,42 @@ def run(params: Params, variant: str) -> None:
     val = TaskData.from_table(val_table, preprocessor, tasks).to(device)
 
     try:
-        live = Live(str(paths.live_dir(variant)), dvcyaml=False, save_dvc_exp=False)
+        live = Live(str(paths.live_dir(variant)), dvcyaml=False, save_dvc_exp=False, resume=resume)
     except SCMError as exc:  # dvclive 3.49 fails in a git repository without commits
         raise UserError(f"dvclive cannot log here ({exc}): make a first git commit, then re-run") from None
 
     def log_epoch(epoch: int, values: dict[str, float]) -> None:
+        live.step = epoch  # also after resuming
         for key, value in values.items():
             if np.isfinite(value):
                 live.log_metric(key, value)
         live.next_step()
 
-    options = FitOptions(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay, patience=cfg.patience, seed=cfg.seed)
+    options = FitOptions(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        patience=cfg.patience, seed=cfg.seed, optimizer=cfg.optimizer, momentum=cfg.momentum,
+        schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size,
+        gamma=cfg.gamma, plateau_patience=cfg.plateau_patience, clip_grad_norm=cfg.clip_grad_norm,
+        accumulate=cfg.accumulate, precision=precision, compile=cfg.compile,
+        deterministic=cfg.deterministic)
     start = time.perf_counter()
-    result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch)
+    try:
+        result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch,
+                     checkpoint=checkpoint, resume=resume)
+    except CheckpointMismatch as exc:
+        raise UserError(f"--resume: {exc}") from None
     seconds = time.perf_counter() - start
     live.end()
 
     bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
-                    "device": str(device)}
-    out = paths.model_dir(variant)
+                    "resumed_at_epoch": result.resumed_at, "device": str(device),
+                    "precision": precision, "deterministic": cfg.deterministic}
     with atomic_path(out / "model.pt") as tmp:
         bundle.save(tmp)
     write_json(bundle.info | {"train_seconds": round(seconds, 2), "n_train": len(train),
                               "n_val": len(val)}, out / "train.json")
-    print(f"train@{variant}: {result.epochs_run} epochs in {seconds:.1f}s on {device}, "
+    resumed = f" (resumed at epoch {result.resumed_at})" if resume else ""
+    print(f"train@{variant}: {result.epochs_run} epochs{resumed} in {seconds:.1f}s on {device}, "
           f"best epochs {result.best_epochs} -> {out / 'model.pt'}")
 
 

@@ -1,0 +1,217 @@
+"""Engine speed on CPU: the trainer against a bare PyTorch loop, and every weighting against ew.
+
+    python bench/engine.py [--rows 200000] [--repeats 9] [--method-steps 40] [--method-repeats 5]
+
+(a) One epoch of hps + ew through ``mtl.engine.trainer.fit`` and through a hand-written loop
+with the same model, task losses, data, batch order, batch size and optimizer (AdamW), in
+turns (the order rotates each repeat); the median of the per-repeat time ratios is reported.
+The bare loop runs twice: with torch's default AdamW (what one writes by hand) and with the
+fused AdamW the trainer uses, which isolates the trainer's own overhead.
+(b) Per weighting method, the time of a training step relative to ew, for K = 2, 4 and 8
+regression tasks: ``--method-steps`` steps through ``fit`` right after as many steps of ew (so
+that each ratio compares runs made under the same machine load), after an untimed warm-up,
+repeated ``--method-repeats`` times with the methods in rotating order; medians of the ratios.
+
+Prints Markdown tables and writes bench/results/engine-<host>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mtl.engine import WEIGHTINGS, archs, weighting
+from mtl.engine.encoders import TabularEncoder
+from mtl.engine.tasks import Task
+from mtl.engine.trainer import FitOptions, TaskData, fit
+
+FEATURES, BATCH, HIDDEN, HEAD, LR = 32, 512, [64, 64], [32], 1e-3
+MIXED = [Task("kind", "multiclass", "kind", classes=("a", "b", "c", "d")),
+         Task("flag", "binary", "flag", classes=("no", "yes")),
+         Task("size", "regression", "size")]
+
+
+def synthetic(rows: int, tasks: list[Task], seed: int = 0) -> TaskData:
+    """Numeric features and targets that depend on them; 10% of each task's labels missing."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, FEATURES, generator=g)
+    scores = x @ torch.randn(FEATURES, len(tasks), generator=g)
+    targets, masks = {}, {}
+    for i, t in enumerate(tasks):
+        s = scores[:, i].contiguous()
+        if t.kind == "multiclass":
+            targets[t.name] = torch.bucketize(s, torch.tensor([-1.0, 0.0, 1.0]))
+        elif t.kind == "binary":
+            targets[t.name] = (s > 0).float()
+        else:
+            targets[t.name] = s + 0.1 * torch.randn(rows, generator=g)
+        masks[t.name] = torch.rand(rows, generator=g) > 0.1
+    return TaskData({"num": x, "cat": torch.zeros(rows, 0, dtype=torch.long)}, targets, masks)
+
+
+def hps(tasks: list[Task]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return archs.build("hps", lambda: TabularEncoder(FEATURES, []), tasks, HIDDEN, HEAD, 0.0)
+
+
+def options(**kw) -> FitOptions:
+    return FitOptions(**({"epochs": 1, "batch_size": BATCH, "lr": LR, "progress": False} | kw))
+
+
+def trainer_epoch(tasks: list[Task], data: TaskData, empty: TaskData) -> float:
+    model, ew = hps(tasks), weighting.build("ew", [t.name for t in tasks])
+    start = time.perf_counter()
+    fit(model, tasks, ew, data, empty, options())
+    return time.perf_counter() - start
+
+
+def bare_epoch(tasks: list[Task], data: TaskData, fused: bool) -> float:
+    """What one would write by hand: index the tensors, sum the task losses, AdamW."""
+    model = hps(tasks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=fused or None)
+    generator = torch.Generator().manual_seed(0)
+    x, cat = data.inputs["num"], data.inputs["cat"]
+    start = time.perf_counter()
+    model.train()
+    for rows in torch.randperm(len(data), generator=generator).split(BATCH):
+        outputs = model({"num": x[rows], "cat": cat[rows]})
+        loss = sum(t.loss(outputs[t.name], data.targets[t.name][rows], data.masks[t.name][rows])
+                   for t in tasks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def compare_loops(rows: int, repeats: int) -> dict:
+    data = synthetic(rows, MIXED)
+    empty = data.take(torch.arange(0))
+    loops = {"trainer": lambda d: trainer_epoch(MIXED, d, empty),
+             "bare": lambda d: bare_epoch(MIXED, d, fused=False),
+             "bare_fused": lambda d: bare_epoch(MIXED, d, fused=True)}
+    for loop in loops.values():  # warm-up
+        loop(data.take(torch.arange(20 * BATCH)))
+    names, runs = list(loops), []
+    for r in range(repeats):
+        times = {name: loops[name](data) for name in names[r % 3:] + names[:r % 3]}
+        runs.append(times | {"ratio": times["trainer"] / times["bare"],
+                             "ratio_fused": times["trainer"] / times["bare_fused"]})
+    return {"rows": rows, "steps": -(-rows // BATCH), "runs": runs,
+            **{f"median_{key}": statistics.median(r[key] for r in runs) for key in runs[0]}}
+
+
+METHODS = [(name, {}) for name in WEIGHTINGS] + [("mgda", {"level": "features"})]
+
+
+def label(name: str, opts: dict) -> str:
+    return name + "".join(f" ({k}={v})" for k, v in opts.items())
+
+
+def method_step(name: str, opts: dict, tasks: list[Task], data: TaskData, empty: TaskData) -> float:
+    names = [t.name for t in tasks]
+    weights = dict.fromkeys(names, 1.0) if name == "static" else None
+    model, method = hps(tasks), weighting.build(name, names, weights, opts)
+    start = time.perf_counter()
+    fit(model, tasks, method, data, empty, options())
+    return (time.perf_counter() - start) / -(-len(data) // BATCH)
+
+
+def compare_methods(ks: list[int], steps: int, repeats: int) -> dict:
+    results = {}
+    for k in ks:
+        tasks = [Task(f"t{i}", "regression", f"t{i}") for i in range(k)]
+        data = synthetic(steps * BATCH, tasks, seed=k)
+        empty = data.take(torch.arange(0))
+        warm = data.take(torch.arange(3 * BATCH))
+        for name, opts in METHODS:
+            method_step(name, opts, tasks, warm, empty)
+        times: dict[str, list[tuple[float, float]]] = {label(*m): [] for m in METHODS}
+        for r in range(repeats):
+            shift = r * len(METHODS) // repeats
+            for name, opts in METHODS[shift:] + METHODS[:shift]:
+                ew = method_step("ew", {}, tasks, data, empty)
+                times[label(name, opts)].append((method_step(name, opts, tasks, data, empty), ew))
+        results[k] = {m: {"step_ms": 1e3 * statistics.median(t for t, _ in pairs),
+                          "ratio": statistics.median(t / ew for t, ew in pairs)}
+                      for m, pairs in times.items()}
+    return results
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the machine has spent busy (steal time included), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--method-steps", type=int, default=40)
+    parser.add_argument("--method-repeats", type=int, default=5)
+    args = parser.parse_args()
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "torch": str(torch.__version__), "python": platform.python_version(),
+               "load_average_before": os.getloadavg()[0]}
+    start, busy, own = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+    loops = compare_loops(args.rows, args.repeats)
+    methods = compare_methods([2, 4, 8], args.method_steps, args.method_repeats)
+    wall = time.perf_counter() - start
+    # Cores kept busy by anything but this benchmark: other processes, the hypervisor (steal).
+    other = (busy_cpu_s() - busy - (own_cpu_s() - own)) / wall
+    machine |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
+                "total_s": round(wall, 1)}
+
+    print(f"Engine on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads)\n")
+    print(f"(a) One epoch of hps + ew, {loops['rows']} rows x {FEATURES} features, 3 tasks, "
+          f"batch {BATCH} ({loops['steps']} steps), AdamW\n")
+    print("| repeat | trainer s | bare loop s | bare loop, fused AdamW s | trainer / bare | "
+          "trainer / bare fused |")
+    print("|---|---|---|---|---|---|")
+    for i, run in enumerate([*loops["runs"], {k[7:]: v for k, v in loops.items() if k.startswith("median_")}]):
+        print(f"| {i if i < len(loops['runs']) else 'median'} | {run['trainer']:.2f} | {run['bare']:.2f} | "
+              f"{run['bare_fused']:.2f} | {run['ratio']:.3f} | {run['ratio_fused']:.3f} |")
+    print()
+    ks = list(methods)
+    print(f"(b) Step time relative to ew (batch {BATCH}, hps {HIDDEN}, K regression tasks; "
+          f"median of {args.method_repeats} runs of {args.method_steps} steps)\n")
+    print("| method | " + " | ".join(f"K={k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for m in methods[ks[0]]:
+        cells = [f"{methods[k][m]['ratio']:.2f}× ({methods[k][m]['step_ms']:.1f} ms)" for k in ks]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    print(f"\nTotal {machine['total_s']} s; other processes kept {machine['other_load_cores']:.2f} "
+          f"cores busy on average (load average {machine['load_average_before']:.2f} before, "
+          f"{machine['load_average_after']:.2f} after).")
+    out = REPO / "bench" / "results" / f"engine-{platform.node() or 'host'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "args": vars(args), "loops": loops,
+                               "methods": methods}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

