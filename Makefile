@@ -39,6 +39,10 @@ serve: setup  ## local Prefect server + worker + the deployments of pipelines/pr
 stop:  ## stop what `make serve` started
 	pipelines/serve.sh stop
 
+bench: setup $(VENV)/.installed-dev  ## engine and sweep benchmarks (minutes; see BENCHMARKS.md)
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/sweep.py
+
 lint: setup $(VENV)/.installed-dev
 	$(BIN)/ruff check mtl pipelines tests bench
 

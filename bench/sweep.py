@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import env  # noqa: E402
-from tests.test_pipeline_dvc import commit, copy_project, edit_params  # noqa: E402
+from tests.helpers import env
+from tests.test_pipeline_dvc import commit, copy_project, edit_params
 
 
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:

@@ -64,11 +64,15 @@ def run(params: Params, variant: str, resume: bool = False) -> None:
               "options": spec.arch_options}
     info = {"variant": variant, "weighting": spec.weighting, "weights": spec.weights,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
-    bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
-                           {"dim": enc.dim, "image_channels": enc.image_channels})
+    try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
+        bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
+                               {"dim": enc.dim, "image_channels": enc.image_channels})
+        weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
+                                     spec.weighting_options)
+    except ValueError as exc:
+        raise UserError(f"variants.{variant}: {exc}") from None
     model = bundle.model.to(device)
-    weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
-                                 spec.weighting_options).to(device)
+    weighting = weighting.to(device)
     train = TaskData.from_table(train_table, preprocessor, tasks).to(device)
     val = TaskData.from_table(val_table, preprocessor, tasks).to(device)
 
