@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.engine import cpu_model
 from tests.helpers import env
 from tests.test_pipeline_dvc import commit, copy_project, edit_params
 
@@ -42,13 +43,6 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     subprocess.run(["prefect", "server", "status", "--wait", "--timeout", "180"], env=server_env,
                    check=True, capture_output=True)
     return process, url
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

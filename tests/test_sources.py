@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from mtl.config import Params
+from mtl.config import Params, load_params
 from mtl.engine import ARCHITECTURES, weighting
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor
@@ -93,8 +93,9 @@ def test_adult_columns_and_labels():
 
 
 def train_every_arch(table: pa.Table, data: dict, tasks: list[Task], encoder: dict, epochs: int,
-                     hashing: dict | None = None) -> None:
-    """Each architecture trains ``epochs`` epochs: finite losses, validation loss going down."""
+                     hashing: dict | None = None, weightings: tuple[str, ...] = ("ew",)) -> None:
+    """Each architecture trains ``epochs`` epochs with each weighting: finite losses, validation
+    loss going down."""
     params = Params.model_validate({"data": {"source": "unused"} | data,
                                     "variants": {"stl": {"arch": "stl"}}})
     table, schema = ingest.prepare(table, params.data)
@@ -102,28 +103,42 @@ def train_every_arch(table: pa.Table, data: dict, tasks: list[Task], encoder: di
     train_table, val_table = table.filter(pa.array(~val_rows)), table.filter(pa.array(val_rows))
     prep = Preprocessor.fit(train_table, schema["features"], hashing=hashing)
     names = [t.name for t in tasks]
+    train, val = (TaskData.from_table(t, prep, tasks) for t in (train_table, val_table))
     for arch in ARCHITECTURES:
-        torch.manual_seed(0)
-        bundle = Bundle.create(arch, tasks, prep, {"hidden": [32], "head_hidden": [16], "dropout": 0.0},
-                               {}, encoder)
-        train, val = (TaskData.from_table(t, prep, tasks) for t in (train_table, val_table))
-        logs: list[dict] = []
-        fit(bundle.model, tasks, weighting.build("ew", names), train, val,
-            FitOptions(epochs=epochs, batch_size=64, lr=3e-3, seed=0),
-            on_epoch=lambda epoch, log, logs=logs: logs.append(log))
-        val_loss = [sum(log[f"val/loss/{n}"] for n in names) for log in logs]
-        assert np.isfinite(val_loss).all(), arch
-        assert val_loss[-1] < val_loss[0], f"{arch}: validation loss {val_loss}"
+        for method in weightings:
+            torch.manual_seed(0)
+            bundle = Bundle.create(arch, tasks, prep, {"hidden": [32], "head_hidden": [16],
+                                                       "dropout": 0.0}, {}, encoder)
+            logs: list[dict] = []
+            fit(bundle.model, tasks, weighting.build(method, names), train, val,
+                FitOptions(epochs=epochs, batch_size=64, lr=3e-3, seed=0),
+                on_epoch=lambda epoch, log, logs=logs: logs.append(log))
+            val_loss = [sum(log[f"val/loss/{n}"] for n in names) for log in logs]
+            assert np.isfinite(val_loss).all(), (arch, method)
+            assert val_loss[-1] < val_loss[0], f"{arch} + {method}: validation loss {val_loss}"
+
+
+def test_every_architecture_with_ew_uw_pcgrad_learns_the_default_penguins_data():
+    table = read_source("penguins")
+    params = load_params(REPO / "params.yaml")
+    data = {"tasks": {n: t.model_dump() for n, t in params.data.tasks.items()}}
+    body = np.array(table["body_mass_g"].to_numpy(zero_copy_only=False), dtype=float)
+    tasks = [Task("species", "multiclass", "species", classes=("Adelie", "Chinstrap", "Gentoo")),
+             Task("sex", "binary", "sex", classes=("female", "male")),
+             Task("body_mass", "regression", "body_mass_g", mean=float(np.nanmean(body)),
+                  std=float(np.nanstd(body)))]
+    train_every_arch(table, data, tasks, {}, epochs=4, weightings=("ew", "uw", "pcgrad"))
 
 
 @needs("fashion-mnist")
-def test_every_architecture_learns_multifashion_images():
+def test_every_architecture_with_ew_uw_pcgrad_learns_multifashion_images():
     classes = tuple(sorted(FASHION_CLASSES))
     tasks = [Task("left", "multiclass", "left", classes=classes),
              Task("right", "multiclass", "right", classes=classes)]
     data = {"id_column": "id", "image": ["image"], "tasks": {
         "left": {"kind": "multiclass", "target": "left"}, "right": {"kind": "multiclass", "target": "right"}}}
-    train_every_arch(multifashion(600), data, tasks, {"dim": 32, "image_channels": [8, 16]}, epochs=3)
+    train_every_arch(multifashion(600), data, tasks, {"dim": 32, "image_channels": [8, 16]}, epochs=3,
+                     weightings=("ew", "uw", "pcgrad"))
 
 
 @needs("tweets")
