@@ -9,6 +9,7 @@ always trains from scratch (DVC removes the output before running the stage)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError
 
 from mtl import paths
-from mtl.config import Params
+from mtl.config import Params, TrainConfig
 from mtl.engine import weighting as weightings
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor
@@ -88,13 +89,9 @@ def run(params: Params, variant: str, resume: bool = False) -> None:
                 live.log_metric(key, value)
         live.next_step()
 
-    options = FitOptions(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        patience=cfg.patience, seed=cfg.seed, optimizer=cfg.optimizer, momentum=cfg.momentum,
-        schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs, step_size=cfg.step_size,
-        gamma=cfg.gamma, plateau_patience=cfg.plateau_patience, clip_grad_norm=cfg.clip_grad_norm,
-        accumulate=cfg.accumulate, precision=precision, compile=cfg.compile,
-        deterministic=cfg.deterministic)
+    options = FitOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitOptions)
+                            if f.name in TrainConfig.model_fields and f.name != "precision"},
+                         precision=precision)
     start = time.perf_counter()
     try:
         result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch,
