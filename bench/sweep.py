@@ -2,10 +2,10 @@
 
     python bench/sweep.py [--repeats 2] [--epochs 40]
 
-Two temporary copies of the project get the same base pipeline first (not timed). Then, for
-each repeat, both run the `sweep` flow over 4 new seeds (so 4 variants to train, evaluate and
-compare): one with a single worker (sequential), one with one worker per configuration
-(parallel), alternating which goes first. Prints a Markdown table and writes
+Two temporary copies of the project (one seed) get the same base pipeline first (not timed).
+Then, for each repeat, both run the `sweep` flow over 4 architectures with a new weighting (so 4
+new variants to train, evaluate and compare): one with a single worker (sequential), one with one
+worker per configuration (parallel), alternating which goes first. Prints a Markdown table and writes
 bench/results/sweep-<host>.json. Starts its own Prefect server on loopback.
 """
 
@@ -45,6 +45,10 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+ARCHS = ["hps", "mmoe", "cgc", "ple"]
+WEIGHTINGS = ["uw", "dwa", "rlw", "db_mtl"]  # one per repeat, so each repeat trains new variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -60,27 +64,28 @@ def main() -> None:
         projects = {}
         for mode in ("sequential", "parallel"):
             root = copy_project(work / mode)
-            edit_params(root, lambda p: p["train"].update(epochs=args.epochs, patience=0))
+            edit_params(root, lambda p: (p["train"].update(epochs=args.epochs, patience=0),
+                                         p.update(seeds=[0])))
             commit(root, "bench settings")
             pipeline(root=str(root))  # the base variants, not timed
             projects[mode] = root
         rows = []
         for r in range(args.repeats):
-            seeds = list(range(100 + 4 * r, 104 + 4 * r))
+            weighting = WEIGHTINGS[r % len(WEIGHTINGS)]
             order = ("sequential", "parallel") if r % 2 == 0 else ("parallel", "sequential")
             times = {}
             for mode in order:
                 start = time.perf_counter()
-                sweep(root=str(projects[mode]), archs=["hps"], weightings=["ew"], seeds=seeds,
-                      runner="threads", workers=1 if mode == "sequential" else len(seeds))
+                sweep(root=str(projects[mode]), archs=ARCHS, weightings=[weighting],
+                      runner="threads", workers=1 if mode == "sequential" else len(ARCHS))
                 times[mode] = time.perf_counter() - start
-            rows.append({"repeat": r, "seeds": seeds, **times,
+            rows.append({"repeat": r, "weighting": weighting, **times,
                          "speedup": times["sequential"] / times["parallel"]})
     finally:
         os.killpg(server.pid, signal.SIGTERM)
 
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
-    print(f"Sweep of 4 configurations (hps-ew x 4 seeds, {args.epochs} epochs, penguins) on "
+    print(f"Sweep of 4 configurations ({', '.join(ARCHS)} x one weighting, {args.epochs} epochs, penguins) on "
           f"{machine['cpu']}, {machine['cores']} cores\n")
     print("| repeat | sequential (1 worker) s | parallel (4 workers) s | speed-up |")
     print("|---|---|---|---|")

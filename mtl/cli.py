@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import typer
 
 from mtl.config import load_params
 from mtl.errors import UserError
+from mtl.lock import stage_lock
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible multi-task-learning experiments. Run a single pipeline stage, "
@@ -23,6 +25,10 @@ ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params f
 SetOption = Annotated[list[str], typer.Option(
     "--set", "-S", help="Override a parameter, e.g. --set train.epochs=5 (value parsed as YAML).")]
 VariantOption = Annotated[str, typer.Option("--variant", "-v", help="A variant named in params.yaml.")]
+SeedOption = Annotated[list[int], typer.Option(
+    "--seed", help="A seed of params.yaml's `seeds` (repeatable); default: each of them.")]
+OneSeedOption = Annotated[int | None, typer.Option(
+    "--seed", help="A seed of params.yaml's `seeds`; default: the first.")]
 
 
 @contextlib.contextmanager
@@ -35,63 +41,103 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def run_stage(name: str, params: Path, set_: list[str] | None) -> None:
+    """Load and check the params (a bad file writes nothing, not even a lock), then run
+    ``mtl.stages.<name>`` holding the stage's lock."""
+    with user_errors():
+        loaded = load_params(params, set_)
+        stage = importlib.import_module(f"mtl.stages.{name}")
+        with stage_lock(name):
+            stage.run(loaded)
+
+
 @app.command()
 def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Raw data (data.source) -> data/ingested/table.parquet + schema.json."""
-    with user_errors():
-        from mtl.stages import ingest as stage
-
-        stage.run(load_params(params, set_))
+    run_stage("ingest", params, set_)
 
 
 @app.command()
 def augment(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Ingested table -> data/augmented/table.parquet (originals + copies of training rows)."""
-    with user_errors():
-        from mtl.stages import augment as stage
-
-        stage.run(load_params(params, set_))
+    run_stage("augment", params, set_)
 
 
 @app.command()
 def split(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Augmented table -> data/split/{train,val,test}.parquet by a stable hash of each row's key."""
-    with user_errors():
-        from mtl.stages import split as stage
-
-        stage.run(load_params(params, set_))
+    run_stage("split", params, set_)
 
 
 @app.command()
-def train(variant: VariantOption, params: ParamsOption = Path("params.yaml"),
+def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption = Path("params.yaml"),
           set_: SetOption = None,
-          resume: Annotated[bool, typer.Option(
-              "--resume", help="Continue from models/<variant>/checkpoint.pt (written after "
-                               "every epoch) if it exists.")] = False) -> None:
-    """Train one variant -> models/<variant>/model.pt and dvclive/<variant>/."""
+          fresh: Annotated[bool, typer.Option(
+              "--fresh", help="Start afresh instead of resuming an interrupted run of the same "
+                              "inputs from its last checkpoint (under .mtl/runs/).")] = False) -> None:
+    """Train one variant per seed -> models/<variant>/seed-<seed>/ and dvclive/<variant>/seed-<seed>/."""
     with user_errors():
         from mtl.stages import train as stage
+        from mtl.stages.common import seeds_of
 
-        stage.run(load_params(params, set_), variant, resume=resume)
+        loaded = load_params(params, set_)
+        for s in seeds_of(loaded, seed):
+            with stage_lock(f"train@{variant}-{s}"):
+                stage.run(loaded, variant, s, resume=not fresh)
 
 
 @app.command()
-def evaluate(variant: VariantOption, params: ParamsOption = Path("params.yaml"),
-             set_: SetOption = None) -> None:
-    """Test metrics of one variant -> metrics/variants/<variant>.json."""
+def evaluate(variant: VariantOption, seed: SeedOption = None,
+             params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Test metrics of one variant per seed -> metrics/variants/<variant>/seed-<seed>.json."""
     with user_errors():
         from mtl.stages import evaluate as stage
+        from mtl.stages.common import seeds_of
 
-        stage.run(load_params(params, set_), variant)
+        loaded = load_params(params, set_)
+        for s in seeds_of(loaded, seed):
+            with stage_lock(f"evaluate@{variant}-{s}"):
+                stage.run(loaded, variant, s)
 
 
 @app.command()
 def compare(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Every variant against the baseline -> metrics/compare.json and reports/compare.md."""
-    with user_errors():
-        from mtl.stages import compare as stage
+    run_stage("compare", params, set_)
 
-        stage.run(load_params(params, set_))
+
+@app.command()
+def report(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Comparison, curves and affinity as plots -> reports/plots/, reports/report.md, reports/index.html."""
+    run_stage("report", params, set_)
+
+
+@app.command()
+def predict(variant: VariantOption,
+            input_: Annotated[Path, typer.Option("--input", "-i", help="New rows: a CSV or Parquet file.")],
+            output: Annotated[Path, typer.Option("--output", "-o", help="Predictions: a .parquet file.")],
+            seed: OneSeedOption = None, params: ParamsOption = Path("params.yaml"),
+            set_: SetOption = None) -> None:
+    """Predict every task for new rows with a trained variant -> a Parquet file."""
+    with user_errors():
+        from mtl.stages import predict as stage
+
+        stage.run(load_params(params, set_), variant, seed, input_, output)
+
+
+@app.command()
+def export(variant: VariantOption,
+           format_: Annotated[str, typer.Option("--format", "-f", help="torchscript or onnx.")],
+           output: Annotated[Path, typer.Option("--output", "-o", help="The exported model file.")],
+           int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the Linear layers.")] = False,
+           seed: OneSeedOption = None, params: ParamsOption = Path("params.yaml"),
+           set_: SetOption = None) -> None:
+    """Export a trained variant's network (TorchScript or ONNX) with a JSON describing it, and
+    its test metrics against the float model -> PATH, PATH.json, PATH.metrics.json."""
+    with user_errors():
+        from mtl.stages import export as stage
+
+        stage.run(load_params(params, set_), variant, seed, format_, output, int8)
 
 
 @app.command()

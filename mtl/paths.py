@@ -10,6 +10,10 @@ SPLITS = ("train", "val", "test")
 METRICS_DIR = Path("metrics/variants")
 COMPARE_JSON = Path("metrics/compare.json")
 REPORT = Path("reports/compare.md")
+PLOTS_DIR = Path("reports/plots")  # report: the PNG images
+FULL_REPORT = Path("reports/report.md")  # report: comparison, plots and affinity in Markdown
+REPORT_HTML = Path("reports/index.html")  # report: the same as a web page
+WORK_DIR = Path(".mtl")  # scratch space of unfinished runs and stage locks; never tracked
 
 # Reserved columns written by ingest and augment.
 ID = "_id"  # stable key of the row
@@ -22,13 +26,19 @@ def split_path(split: str) -> Path:
     return SPLIT_DIR / f"{split}.parquet"
 
 
-def model_dir(variant: str) -> Path:
-    return Path("models") / variant
+def model_dir(variant: str, seed: int) -> Path:
+    return Path("models") / variant / f"seed-{seed}"
 
 
-def live_dir(variant: str) -> Path:
-    return Path("dvclive") / variant
+def live_dir(variant: str, seed: int) -> Path:
+    return Path("dvclive") / variant / f"seed-{seed}"
 
 
-def variant_metrics(variant: str) -> Path:
-    return METRICS_DIR / f"{variant}.json"
+def variant_metrics(variant: str, seed: int) -> Path:
+    return METRICS_DIR / variant / f"seed-{seed}.json"
+
+
+def run_dir(variant: str, seed: int) -> Path:
+    """Where an unfinished training run keeps its checkpoint and logs: outside every DVC output,
+    so that a killed ``dvc repro`` resumes there instead of starting afresh."""
+    return WORK_DIR / "runs" / variant / f"seed-{seed}"

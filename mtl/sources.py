@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,17 @@ def shared_file(relative: str, source: str) -> Path:
     return path
 
 
+def gunzip(path: Path) -> bytes:
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: not a readable gzip file ({exc})") from None
+
+
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file of unsigned bytes (the MNIST format: magic 0x0000 08 <ndim>, big-endian
     dimensions, then the data), gzip-compressed."""
-    data = gzip.decompress(path.read_bytes())
+    data = gunzip(path)
     if data[:3] != b"\x00\x00\x08":
         raise UserError(f"{path}: not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -103,7 +111,7 @@ def tweets(limit: int | None = None) -> pa.Table:
     (Android, iPhone, Web Client or other), ``log_retweets`` = log1p(retweet_count) and
     ``log_favorites`` = log1p(favorite_count)."""
     path = shared_file("tweets/trump_tweets.csv.gz", "tweets")
-    raw = gzip.decompress(path.read_bytes()).replace(b"\r", b" ")  # some texts hold a bare CR
+    raw = gunzip(path).replace(b"\r", b" ")  # some texts hold a bare CR
     try:
         table = pacsv.read_csv(io.BytesIO(raw), parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                convert_options=pacsv.ConvertOptions(column_types={"id_str": pa.string()}))

@@ -147,18 +147,18 @@ def pipeline(root: str = ".", params: str | None = None, overrides: list[str] | 
 @flow(name="sweep", log_prints=True)
 def sweep(root: str = ".", archs: list[str] | None = None, weightings: list[str] | None = None,
           seeds: list[int] | None = None, retries: int = 1, runner: str = "threads",
-          workers: int | None = None, dask_address: str | None = None) -> dict[str, float | None]:
-    """Train every arch × weighting × seed as a variant (``sweep-<arch>-<weighting>-s<seed>``),
-    in parallel, then compare them all. Grid values not given come from params.yaml's ``sweep``
-    section. Returns each sweep variant's Δm."""
+          workers: int | None = None, dask_address: str | None = None) -> dict[str, dict]:
+    """Train every arch × weighting as a variant (``sweep-<arch>-<weighting>``) on every seed, in
+    parallel, then compare them all. Grids not given come from params.yaml (``sweep``, ``seeds``);
+    ``seeds`` given here replaces params.yaml's ``seeds``, so the baseline trains on them too.
+    Returns each sweep variant's Δm (mean, std, p, per seed)."""
     project = Path(root).resolve()
     grid = load_params(project / "params.yaml").sweep
-    points = list(itertools.product(archs or grid.archs, weightings or grid.weightings, seeds or grid.seeds))
-    variants = {f"sweep-{a}-{w}-s{s}": {"arch": a, "weighting": w, "train": {"seed": s}}
-                for a, w, s in points}
+    points = list(itertools.product(archs or grid.archs, weightings or grid.weightings))
+    variants = {f"sweep-{a}-{w}": {"arch": a, "weighting": w} for a, w in points}
     params_file.set_variants(project / "params.yaml", variants, prefix="sweep-")
-    pipeline(root=str(project), retries=retries, runner=runner, workers=workers,
-             dask_address=dask_address)
+    pipeline(root=str(project), overrides=[f"seeds={list(seeds)}"] if seeds else None,
+             retries=retries, runner=runner, workers=workers, dask_address=dask_address)
     from mtl import paths
     from mtl.io import read_json
 

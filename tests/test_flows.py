@@ -49,7 +49,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("flow-project"))
-    edit_params(root, lambda p: p["train"].update(FAST))
+    edit_params(root, lambda p: (p["train"].update(FAST), p.update(seeds=[0])))
     commit(root, "fast training for tests")
     return root
 
@@ -94,7 +94,7 @@ def test_overrides_run_only_the_changed_variant_and_are_recorded(server, project
     params_yaml = project / "params.yaml"
     params_yaml.write_text("# a user's note\n" + params_yaml.read_text())
     ran = pipeline(root=str(project), overrides=["variants.hps-static.weights.body_mass=3.0"])
-    assert ran == ["train@hps-static", "evaluate@hps-static", "compare"]
+    assert ran == ["train@hps-static-0", "evaluate@hps-static-0", "compare", "report"]
     params = yaml.safe_load(params_yaml.read_text())
     assert params["variants"]["hps-static"]["weights"]["body_mass"] == 3.0
     assert params_yaml.read_text().startswith("# a user's note\n")  # comments are kept
@@ -107,7 +107,7 @@ def test_a_stage_that_fails_once_is_retried(server, project):
     flaky = "sh -c 'test -e .failed-once || { touch .failed-once; echo boom >&2; exit 3; }; mtl compare'"
     dvc_yaml.write_text(original.replace("    cmd: mtl compare", f'    cmd: "{flaky}"'))
     try:
-        assert pipeline(root=str(project), retries=1) == ["compare"]
+        assert pipeline(root=str(project), retries=1) == ["compare", "report"]
         assert (project / ".failed-once").exists()
         assert "up to date" in run(["dvc", "status"], project).stdout
     finally:
@@ -123,14 +123,17 @@ def test_a_failure_names_the_stage_and_its_cause(server, project):
             pipeline(root=str(project), retries=0)
     finally:
         dvc_yaml.write_text(original)
-    assert pipeline(root=str(project)) == ["compare"]
+    assert pipeline(root=str(project)) == ["compare", "report"]
 
 
-def test_sweep_of_four_configurations_in_parallel(server, project):
-    result = sweep(root=str(project), archs=["hps"], weightings=["ew"], seeds=[0, 1, 2, 3], runner="processes")
-    assert sorted(result) == [f"sweep-hps-ew-s{s}" for s in range(4)]
-    assert all(isinstance(v, float) for v in result.values())
-    assert result["sweep-hps-ew-s0"] != result["sweep-hps-ew-s1"]  # the seed reaches training
+def test_sweep_over_architectures_and_seeds_in_parallel(server, project):
+    result = sweep(root=str(project), archs=["hps", "mmoe"], weightings=["ew"], seeds=[0, 1],
+                   runner="processes")
+    assert sorted(result) == ["sweep-hps-ew", "sweep-mmoe-ew"]
+    for delta in result.values():
+        assert len(delta["per_seed"]) == 2 and delta["per_seed"][0] != delta["per_seed"][1]
+    assert yaml.safe_load((project / "params.yaml").read_text())["seeds"] == [0, 1]
+    assert (project / "metrics/variants/stl/seed-1.json").is_file()  # the baseline on the new seed
     assert "up to date" in run(["dvc", "status"], project).stdout
 
 
@@ -141,4 +144,5 @@ def test_dask_runner_on_an_existing_cluster(server, project):
                       dashboard_address=":0") as cluster:
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
-    assert ran == ["train@hps-ew", "evaluate@hps-ew", "compare"]
+    assert set(ran) == {"train@hps-ew-0", "train@hps-ew-1", "evaluate@hps-ew-0", "evaluate@hps-ew-1",
+                        "compare", "report"}

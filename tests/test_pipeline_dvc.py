@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 
 from mtl import paths
@@ -56,35 +55,49 @@ def repro(root: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("project"))
-    edit_params(root, lambda p: p["train"].update(FAST))
+    edit_params(root, lambda p: (p["train"].update(FAST), p.update(seeds=[0, 1])))
     commit(root, "fast training for tests")
     ran = repro(root)
     return root, ran
 
 
-def test_repro_runs_every_stage_and_compares_variants(project):
+def test_repro_runs_every_stage_and_compares_variants_over_seeds(project):
     root, ran = project
     variants = ["stl", "hps-ew", "hps-static"]
-    assert ran == {"ingest", "augment", "split", "compare",
-                   *(f"{stage}@{v}" for stage in ("train", "evaluate") for v in variants)}
+    assert ran == {"ingest", "augment", "split", "compare", "report",
+                   *(f"{stage}@{v}-{s}" for stage in ("train", "evaluate") for v in variants for s in (0, 1))}
     result = json.loads((root / paths.COMPARE_JSON).read_text())
     assert set(result) == set(variants)
-    assert result["stl"]["delta_m"] == 0.0
+    assert result["stl"]["delta_m"]["mean"] == pytest.approx(0.0, abs=1e-6)
     for v in variants:
-        assert isinstance(result[v]["delta_m"], float)
+        delta = result[v]["delta_m"]
+        assert len(delta["per_seed"]) == 2 and delta["std"] is not None and 0 <= delta["p"] <= 1
         assert set(result[v]["tasks"]) == {"species", "sex", "body_mass"}
         assert set(result[v]["tasks"]["body_mass"]) == {"mae", "rmse", "r2"}
+    seed0, seed1 = (json.loads((root / paths.variant_metrics("hps-ew", s)).read_text()) for s in (0, 1))
+    assert seed0 != seed1  # the seed reaches training
+    assert result["hps-ew"]["tasks"]["body_mass"]["mae"]["mean"] == pytest.approx(
+        (seed0["body_mass"]["mae"] + seed1["body_mass"]["mae"]) / 2, abs=1e-4)
     assert "| `hps-ew` |" in (root / paths.REPORT).read_text()
-    live = json.loads((root / "dvclive/hps-ew/metrics.json").read_text())
+    live = json.loads((root / "dvclive/hps-ew/seed-1/metrics.json").read_text())
     assert live["step"] == FAST["epochs"] - 1 and "train" in live and "val" in live
+    info = json.loads((root / "models/hps-ew/seed-1/train.json").read_text())
+    assert (info["seed"], info["epochs_run"], info["resumed_at_epoch"]) == (1, FAST["epochs"], 0)
+    assert info["precision"] == ("bf16" if info["device"] == "cuda" else "fp32")
+    assert not (root / ".mtl/runs/hps-ew/seed-1").exists()  # a finished run leaves no checkpoint
 
 
-def test_nothing_reruns_then_one_variant_change_reruns_only_it(project):
+def test_nothing_reruns_then_one_variant_or_seed_change_reruns_only_it(project):
     root, _ = project
     assert repro(root) == set()
     assert "up to date" in run(["dvc", "status"], root).stdout
     edit_params(root, lambda p: p["variants"]["hps-static"]["weights"].update(body_mass=2.0))
-    assert repro(root) == {"train@hps-static", "evaluate@hps-static", "compare"}
+    assert repro(root) == {"train@hps-static-0", "train@hps-static-1", "evaluate@hps-static-0",
+                           "evaluate@hps-static-1", "compare", "report"}
+    edit_params(root, lambda p: p.update(seeds=[0, 1, 2]))
+    assert repro(root) == {"compare", "report", *(f"{stage}@{v}-2" for stage in ("train", "evaluate")
+                                        for v in ("stl", "hps-ew", "hps-static"))}
+    assert len(json.loads((root / paths.COMPARE_JSON).read_text())["hps-ew"]["delta_m"]["per_seed"]) == 3
     assert repro(root) == set()
 
 
@@ -92,38 +105,18 @@ def test_metrics_plots_and_experiments_show(project):
     root, _ = project
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     files = next(iter(metrics.values()))["data"]
-    assert {"metrics/compare.json", "metrics/variants/stl.json", "dvclive/hps-ew/metrics.json"} <= set(files)
+    assert {"metrics/compare.json", "metrics/variants/stl/seed-0.json",
+            "dvclive/hps-ew/seed-0/metrics.json"} <= set(files)
     run(["dvc", "plots", "show", "-o", "plots_html"], root)
     html = (root / "plots_html/index.html").read_text()
     assert "train/loss/species.tsv" in html
     commit(root, "results")
     header, *rows = run(["dvc", "exp", "show", "--csv"], root).stdout.splitlines()
     columns = header.split(",")
-    assert {"hps-ew.delta_m", "variants.hps-static.weights.body_mass",
+    assert {"hps-ew.delta_m.mean", "variants.hps-static.weights.body_mass",
             "train.epochs"} <= set(columns)
     workspace = dict(zip(columns, next(r for r in rows if ",workspace," in r).split(",")))
-    assert float(workspace["stl.delta_m"]) == 0.0
-
-
-def test_train_resumes_from_its_checkpoint(project):
-    """`mtl train --resume` continues from the checkpoint `dvc repro` left (4 epochs) and ends
-    as a 6-epoch run from scratch; a checkpoint of other options is refused. Runs last on
-    `project`, whose outputs it changes."""
-    root, _ = project
-    model_dir, six = root / "models/hps-ew", ["--variant", "hps-ew", "--set", "train.epochs=6"]
-    assert "resumed at epoch 4" in run(["mtl", "train", *six, "--resume"], root).stdout
-    info = json.loads((model_dir / "train.json").read_text())
-    assert (info["epochs_run"], info["resumed_at_epoch"]) == (6, 4)
-    assert info["precision"] == ("bf16" if info["device"] == "cuda" else "fp32")
-    assert info["deterministic"] is False
-    assert json.loads((root / "dvclive/hps-ew/metrics.json").read_text())["step"] == 5
-    resumed = torch.load(model_dir / "model.pt", weights_only=True)["state_dict"]
-    run(["mtl", "train", *six], root)
-    fresh = torch.load(model_dir / "model.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
-    failed = run(["mtl", "train", *six, "--set", "train.lr=0.1", "--resume"], root, check=False)
-    assert failed.returncode == 2 and failed.stderr.startswith("error: --resume: ")
-    assert "lr=" in failed.stderr and len(failed.stderr.splitlines()) == 1
+    assert abs(float(workspace["stl.delta_m.mean"])) < 1e-6
 
 
 def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
@@ -139,7 +132,7 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
         p["data"].update(source="data/raw/*.csv", id_column="id",
                          tasks={"label": {"kind": "binary", "target": "label"},
                                 "score": {"kind": "regression", "target": "score"}}),
-        p["train"].update(FAST),
+        p["train"].update(FAST), p.update(seeds=[0]),
         p["variants"]["hps-static"].update(weights={"label": 1.0, "score": 0.5})))
     commit(root, "own data")
     assert "ingest" in repro(root)
@@ -151,4 +144,4 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
     for s in ("val", "test"):
         after = set(pq.read_table(root / paths.split_path(s))["_id"].to_pylist())
         assert before[s] <= after  # every old row is still in its split
-    assert json.loads((root / paths.COMPARE_JSON).read_text())["hps-ew"]["delta_m"] is not None
+    assert json.loads((root / paths.COMPARE_JSON).read_text())["hps-ew"]["delta_m"]["mean"] is not None

@@ -161,6 +161,7 @@ def test_the_cli_runs_every_stage_on_multifashion(tmp_path):
     params["data"]["source"] = "multifashion:600"
     params["train"] |= {"epochs": 2, "hidden": [16], "head_hidden": [8]}
     params["encoders"] |= {"dim": 16, "image_channels": [8]}
+    params["seeds"] = [0]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     for stage in (["ingest"], ["augment"], ["split"], ["train", "--variant", "hps-ew"],
                   ["evaluate", "--variant", "hps-ew"]):
@@ -170,7 +171,7 @@ def test_the_cli_runs_every_stage_on_multifashion(tmp_path):
     schema = json.loads((tmp_path / "data/ingested/schema.json").read_text())
     assert schema["features"] == {"image": {"kind": "image", "n_missing": 0, "shape": [36, 36]}}
     n_test = pq.read_metadata(tmp_path / "data/split/test.parquet").num_rows
-    metrics = json.loads((tmp_path / "metrics/variants/hps-ew.json").read_text())
+    metrics = json.loads((tmp_path / "metrics/variants/hps-ew/seed-0.json").read_text())
     for task in ("left", "right"):
         assert metrics[task]["n_test"] == n_test > 0
         assert 0 <= metrics[task]["accuracy"] <= 1 and 0 <= metrics[task]["auroc"] <= 1

@@ -1,5 +1,8 @@
-"""Task kinds: how a target column becomes a tensor with a label mask, the loss averaged over
-labelled rows only, and the test metrics (torchmetrics)."""
+"""Task kinds: how target columns become a tensor with a label mask, the loss averaged over
+labelled entries only, and the test metrics (torchmetrics).
+
+A multilabel task reads one 0/1 column per label; its targets and mask are [rows, labels], each
+(row, label) entry labelled or not on its own."""
 
 from __future__ import annotations
 
@@ -20,31 +23,48 @@ from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_auroc,
     multiclass_f1_score,
+    multilabel_accuracy,
+    multilabel_auroc,
+    multilabel_f1_score,
 )
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # binary | multiclass | regression
-    target: str
-    classes: tuple[str, ...] = ()  # classification: index -> label; binary: classes[1] is positive
+    kind: str  # binary | multiclass | multilabel | regression
+    target: str | tuple[str, ...]  # multilabel: one column per label
+    classes: tuple[str, ...] = ()  # classification: index -> label; binary: classes[1] is positive;
+    # multilabel: the label names (= the target columns)
     mean: float = 0.0  # regression: the target is standardised with train-split statistics
     std: float = 1.0
 
     @property
     def out_dim(self) -> int:
-        return len(self.classes) if self.kind == "multiclass" else 1
+        return len(self.classes) if self.kind in ("multiclass", "multilabel") else 1
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The table columns ``encode`` reads."""
+        return (self.target,) if isinstance(self.target, str) else self.target
 
     def state(self) -> dict:
         return asdict(self) | {"classes": list(self.classes)}
 
     @classmethod
     def from_state(cls, state: dict) -> Task:
-        return cls(**(state | {"classes": tuple(state["classes"])}))
+        target = state["target"] if isinstance(state["target"], str) else tuple(state["target"])
+        return cls(**(state | {"target": target, "classes": tuple(state["classes"])}))
 
-    def encode(self, column: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Targets and a boolean mask of labelled rows; unlabelled rows get a dummy 0."""
+    def encode(self, *columns: pa.ChunkedArray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets and a boolean mask of labelled rows (entries for multilabel, from one column
+        per label); unlabelled ones get a dummy 0."""
+        if self.kind == "multilabel":
+            values = torch.stack([torch.tensor(c.cast(pa.float64()).to_numpy(zero_copy_only=False))
+                                  for c in columns], dim=1)
+            mask = torch.isfinite(values)
+            return torch.where(mask, values, 0.0).float(), mask
+        (column,) = columns
         if self.kind == "regression":
             values = torch.from_numpy(column.to_numpy(zero_copy_only=False).astype("float64"))
             mask = torch.isfinite(values)
@@ -56,9 +76,12 @@ class Task:
         return (y.float() if self.kind == "binary" else y), mask
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the labelled rows of the batch (0 when none is labelled)."""
+        """Mean loss over the labelled rows (entries for multilabel) of the batch (0 when none is
+        labelled)."""
         if self.kind == "multiclass":
             per_row = F.cross_entropy(out, y, reduction="none")
+        elif self.kind == "multilabel":
+            per_row = F.binary_cross_entropy_with_logits(out, y, reduction="none")
         elif self.kind == "binary":
             per_row = F.binary_cross_entropy_with_logits(out[:, 0], y, reduction="none")
         else:
@@ -67,7 +90,15 @@ class Task:
         return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
     def metrics(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-        """Test metrics over labelled rows, regression in the target's original units."""
+        """Test metrics over labelled rows (entries), regression in the target's original units;
+        multilabel metrics are macro averages over the labels."""
+        if self.kind == "multilabel":
+            if not mask.any():
+                return {}
+            n, p, labels = len(self.classes), out.float().sigmoid(), torch.where(mask, y.long(), -1)
+            return {"accuracy": float(multilabel_accuracy(p, labels, n, average="macro", ignore_index=-1)),
+                    "f1_macro": float(multilabel_f1_score(p, labels, n, average="macro", ignore_index=-1)),
+                    "auroc": float(multilabel_auroc(p, labels, n, average="macro", ignore_index=-1))}
         out, y = out[mask].float(), y[mask]
         if len(y) == 0:
             return {}
@@ -95,9 +126,11 @@ class Task:
         return {k: float(v) for k, v in values.items()}
 
     def decode(self, out: torch.Tensor) -> torch.Tensor:
-        """Model output -> class probabilities (classification) or values in original units."""
+        """Model output -> class (label) probabilities (classification) or values in original units."""
         if self.kind == "multiclass":
             return out.softmax(dim=1)
+        if self.kind == "multilabel":
+            return out.sigmoid()
         if self.kind == "binary":
             return out[:, 0].sigmoid()
         return out[:, 0] * self.std + self.mean

@@ -29,6 +29,7 @@ from mtl.engine.weighting import Step, Weighting
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -42,7 +43,7 @@ class TaskData:
     @classmethod
     def from_table(cls, table: pa.Table, preprocessor: Preprocessor,
                    tasks: Sequence[Task]) -> TaskData:
-        encoded = {t.name: t.encode(table[t.target]) for t in tasks}
+        encoded = {t.name: t.encode(*(table[c] for c in t.columns)) for t in tasks}
         return cls(preprocessor.transform(table),
                    {name: y for name, (y, _) in encoded.items()},
                    {name: mask for name, (_, mask) in encoded.items()})
@@ -81,6 +82,7 @@ class FitOptions:
     precision: str = "fp32"  # auto | fp32 | bf16 (CUDA only)
     compile: bool = False
     deterministic: bool = False
+    nonfinite: str = "stop"  # a step with a non-finite task loss: stop | skip
     progress: bool = True  # a progress bar over epochs, shown only when stdout is a terminal
 
 
@@ -89,10 +91,15 @@ class FitResult:
     epochs_run: int
     best_epochs: dict[str, int] = field(default_factory=dict)  # task -> epoch whose weights are kept
     resumed_at: int = 0  # the first epoch this call trained (> 0 after resuming)
+    skipped_steps: int = 0  # micro-batches skipped for a non-finite loss (nonfinite="skip")
 
 
 class CheckpointMismatch(ValueError):
     """The checkpoint to resume from was written by another model or other options."""
+
+
+class NonFiniteLoss(ValueError):
+    """A task's training loss was NaN or infinite; the message names the task, epoch and step."""
 
 
 EpochLog = dict[str, float]
@@ -199,6 +206,8 @@ def check_options(options: FitOptions, device: torch.device, has_val: bool) -> N
         raise ValueError(f"schedule must be one of {SCHEDULES}, not '{options.schedule}'")
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not '{options.precision}'")
+    if options.nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {NONFINITE}, not '{options.nonfinite}'")
     if options.accumulate < 1:
         raise ValueError("accumulate must be at least 1")
     if options.schedule != "none" and options.warmup_epochs >= options.epochs:
@@ -225,6 +234,13 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     size (micro-batches of equal size and label counts); a gradient method aggregates the task
     gradients of each micro-batch, so its guarantee (e.g. MGDA's common descent direction) holds
     for each micro-batch, not for their mean, and a stateful weighting advances per micro-batch.
+
+    Non-finite losses: before each backward, every task loss must be finite. With
+    ``nonfinite="stop"`` a NaN or infinite one raises ``NonFiniteLoss`` naming the task, the
+    epoch and the step within it (both counted from 0, as in the logs). With ``"skip"`` that
+    micro-batch gets no backward (an optimizer step whose micro-batches were all skipped is not
+    taken), ``FitResult.skipped_steps`` counts it, and an epoch with every step skipped raises
+    anyway. Only the losses are checked: a finite loss whose gradient overflows is not caught.
     """
     device = next(model.parameters()).device
     if len(train) == 0:
@@ -241,10 +257,10 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     # Clipping is per selection group, so that STL's networks stay independent of each other.
     clipped = [list(module.parameters()) for _, module in groups] if options.clip_grad_norm else []
     best = [(math.inf, -1, None)] * len(groups)  # (val loss, epoch, state) per group
-    start, stopped = 0, False
+    start, stopped, skipped = 0, False, 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
-        start, best, stopped = _restore(Path(checkpoint), options, model, weighting, optimizer,
-                                        schedule, plateau, generator, device)
+        start, best, stopped, skipped = _restore(Path(checkpoint), options, model, weighting,
+                                                 optimizer, schedule, plateau, generator, device)
     forward = _forward(model, precision, options.compile)
     n, k = len(train), options.accumulate
     epoch = start - 1
@@ -258,16 +274,30 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
             for i, rows in enumerate(batches):
                 if i % k == 0:
                     optimizer.zero_grad(set_to_none=True)
+                    used = 0  # micro-batches of this optimizer step that went through backward
                 batch = train.take(rows)
                 outputs, features = forward(batch.inputs)
                 losses = task_losses(outputs, tasks, batch)
-                step = Step(shared, features, epoch)
-                step_weights.append(weighting.backward(losses, step) if k == 1
-                                    else _backward_alone(weighting, losses, step, params))
-                step_losses.append(losses.detach())
-                if (i + 1) % k == 0 or i + 1 == len(batches):  # the step's last micro-batch
+                values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
+                if all(map(math.isfinite, values)):
+                    step = Step(shared, features, epoch)
+                    step_weights.append(weighting.backward(losses, step) if k == 1
+                                        else _backward_alone(weighting, losses, step, params))
+                    step_losses.append(losses.detach())
+                    used += 1
+                else:
+                    where = _nonfinite(tasks, values, epoch, i)
+                    if options.nonfinite == "stop":
+                        raise NonFiniteLoss(f"non-finite loss {where}; lower train.lr, set "
+                                            "train.clip_grad_norm, or train.nonfinite: skip")
+                    skipped += 1
+                    if not step_losses and i + 1 == len(batches):
+                        raise NonFiniteLoss(f"every step of epoch {epoch} had a non-finite loss "
+                                            f"(the last {where}); lower train.lr or set "
+                                            "train.clip_grad_norm")
+                if used and ((i + 1) % k == 0 or i + 1 == len(batches)):  # the step's last micro-batch
                     if k > 1:
-                        _mean_of_micro_batches(params, i % k + 1)
+                        _mean_of_micro_batches(params, used)
                     for group in clipped:
                         nn.utils.clip_grad_norm_(group, options.clip_grad_norm, foreach=True)
                     optimizer.step()
@@ -305,13 +335,13 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     "schedule": None if schedule is None else schedule.state_dict(),
                     "plateau": None if plateau is None else plateau.state_dict(),
                     "best": [{"loss": b[0], "epoch": b[1], "state": b[2]} for b in best],
-                    "rng": _rng_states(generator, device),
+                    "rng": _rng_states(generator, device), "skipped": skipped,
                 }, Path(checkpoint))
             bar.update(status, advance=1,
                        status=f"loss {sum(means[0]):.4g}  val {val_loss:.4g}  lr {lr:.3g}")
             if stopped:
                 break
-    result = FitResult(epochs_run=epoch + 1, resumed_at=start)
+    result = FitResult(epochs_run=epoch + 1, resumed_at=start, skipped_steps=skipped)
     for (names, module), (_, best_epoch, state) in zip(groups, best):
         if state is not None:
             module.load_state_dict(state)
@@ -353,6 +383,12 @@ def _mean_of_micro_batches(params: list[nn.Parameter], count: int) -> None:
     for p in params:
         if p.grad is not None:
             p.grad.div_(count)
+
+
+def _nonfinite(tasks: Sequence[Task], losses: list[float], epoch: int, step: int) -> str:
+    """Where the first non-finite task loss is, e.g. "in task 'size' at epoch 3, step 12 (nan)"."""
+    t = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
+    return f"in task '{tasks[t].name}' at epoch {epoch}, step {step} ({losses[t]})"
 
 
 def _progress(enabled: bool) -> Progress:
@@ -403,8 +439,9 @@ def _set_rng_states(states: dict, generator: torch.Generator, device: torch.devi
 def _restore(path: Path, options: FitOptions, model: nn.Module, weighting: Weighting,
              optimizer: torch.optim.Optimizer, schedule: lr_scheduler.LRScheduler | None,
              plateau: lr_scheduler.ReduceLROnPlateau | None, generator: torch.Generator,
-             device: torch.device) -> tuple[int, list, bool]:
-    """Load a checkpoint into the training state; returns (next epoch, best per group, stopped)."""
+             device: torch.device) -> tuple[int, list, bool, int]:
+    """Load a checkpoint into the training state; returns (next epoch, best per group, stopped,
+    skipped steps)."""
     state = torch.load(path, map_location=device, weights_only=True)
     # The number of epochs may grow, unless the schedule depends on it.
     free = {"progress", "compile"} | ({"epochs"} if options.schedule != "cosine" else set())
@@ -428,4 +465,4 @@ def _restore(path: Path, options: FitOptions, model: nn.Module, weighting: Weigh
         plateau.load_state_dict(state["plateau"])
     _set_rng_states(state["rng"], generator, device)
     best = [(b["loss"], b["epoch"], b["state"]) for b in state["best"]]
-    return state["epoch"] + 1, best, state["stopped"]
+    return state["epoch"] + 1, best, state["stopped"], state["skipped"]

@@ -12,67 +12,110 @@ features and missing values kept from the source.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mtl import paths
 from mtl.config import Params
-from mtl.io import read_json, read_table, write_table
+from mtl.errors import UserError
+from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, scan_table
 from mtl.stages.common import require_columns
 from mtl.stages.split import assign
 
 
 def run(params: Params) -> None:
-    table = read_table(paths.INGESTED)
+    scan = scan_table(paths.INGESTED)
     schema = read_json(paths.SCHEMA)
-    require_columns(table, paths.INGESTED, params)
-    out = augment(table, schema, params)
-    write_table(out, paths.AUGMENTED)
-    print(f"augment: {table.num_rows} rows + {out.num_rows - table.num_rows} augmented -> {paths.AUGMENTED}")
+    require_columns(scan.schema.empty_table(), paths.INGESTED, params)
+    n_rows = pq.read_metadata(paths.INGESTED).num_rows
+    check_schema(schema, scan.schema.names, n_rows)
+    n_out = 0
+    with atomic_path(paths.AUGMENTED) as tmp:
+        writer = RowGroupWriter(tmp, _with_source(scan.schema.empty_table(), False).schema)
+        for part in stream(scan, schema, params):
+            writer.write(part)
+            n_out += part.num_rows
+        writer.close()
+    print(f"augment: {n_rows} rows + {n_out - n_rows} augmented -> {paths.AUGMENTED}")
+
+
+def check_schema(schema: object, columns: list[str], n_rows: int) -> None:
+    """Fail if schema.json is not the record ingest wrote with this table (say, one of the pair
+    was replaced by hand)."""
+    features = schema.get("features") if isinstance(schema, dict) else None
+    if (not isinstance(features, dict) or schema.get("n_rows") != n_rows
+            or not all(name in columns and isinstance(f, dict) and "kind" in f for name, f in features.items())):
+        raise UserError(f"{paths.SCHEMA}: does not describe {paths.INGESTED} (re-run ingest)")
 
 
 def augment(table: pa.Table, schema: dict, params: Params) -> pa.Table:
-    cfg = params.augment
-    n = table.num_rows
-    originals = table.append_column(paths.SOURCE_ID, table[paths.ID]).append_column(
-        paths.AUGMENTED_FLAG, pa.array(np.zeros(n, dtype=bool)))
-    train_rows = np.flatnonzero(assign(table[paths.ID], params.split) == "train")
-    if cfg.copies == 0 or len(train_rows) == 0:
-        return originals
+    """The whole augmented table of an ingested ``table`` (what ``run`` writes)."""
+    return pa.concat_tables(stream(Scan.of(table), schema, params))
 
+
+def _with_source(table: pa.Table, augmented: bool) -> pa.Table:
+    """``table`` (whose ``_id`` is its source's id) with the source id and the augmented flag."""
+    n = table.num_rows
+    return table.append_column(paths.SOURCE_ID, table[paths.ID]).append_column(
+        paths.AUGMENTED_FLAG, pa.array(np.full(n, augmented)))
+
+
+def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
+    """The original rows, batch by batch, then each augmented copy of the training rows.
+
+    Only the numeric features and regression targets (and the ids and classes) of the whole
+    table are held in memory, to draw partners; nothing at all when ``augment.copies`` is 0."""
+    for batch in scan.batches():
+        yield _with_source(pa.Table.from_batches([batch]), False)
+    cfg = params.augment
+    if cfg.copies == 0:
+        return
     numeric = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
     regression = [t.target for t in params.data.tasks.values() if t.kind == "regression"]
-    values = {c: table[c].to_numpy(zero_copy_only=False).astype("float64") for c in numeric + regression}
+    kept = [paths.ID, *numeric, *regression, *(t.target for t in params.data.tasks.values() if t.kind != "multilabel")]
+    table = pa.Table.from_batches([b.select(list(dict.fromkeys(kept))) for b in scan.batches()])
+    train_rows = np.flatnonzero(assign(table[paths.ID], params.split) == "train")
+    if len(train_rows) == 0:
+        return
+    classes = _class_of(table, params)
+    values = {c: table[c].to_numpy().astype("float64") for c in numeric + regression}
     scale = {c: np.nanstd(values[c][train_rows]) if np.isfinite(values[c][train_rows]).any() else 0.0
              for c in numeric}
-    classes = _class_of(table, params)
     rng = np.random.default_rng(cfg.seed)
-
-    copies = []
     for k in range(cfg.copies):
         src = train_rows
         partner = _partners(src, classes, train_rows, rng) if cfg.interpolate > 0 else src
         lam = rng.uniform(0, cfg.max_lambda, len(src)) * (rng.random(len(src)) < cfg.interpolate)
-        copy = table.take(pa.array(src))
+        new = {}
         for c in numeric + regression:
             x, xp = values[c][src], values[c][partner]
             mixed = np.where(np.isfinite(xp), x + lam * (xp - x), x)
             if c in scale:
                 mixed = mixed + rng.normal(0.0, 1.0, len(src)) * cfg.noise * scale[c]
-            copy = copy.set_column(copy.schema.get_field_index(c), c, pa.array(mixed, pa.float64(),
-                                                                               mask=~np.isfinite(mixed)))
-        ids = pa.array([f"{i}#aug{k}" for i in copy[paths.ID].to_pylist()], pa.string())
-        copy = copy.set_column(copy.schema.get_field_index(paths.ID), paths.ID, ids)
-        copies.append(copy.append_column(paths.SOURCE_ID, table[paths.ID].take(pa.array(src)))
-                      .append_column(paths.AUGMENTED_FLAG, pa.array(np.ones(len(src), dtype=bool))))
-    return pa.concat_tables([originals, *copies])
+            new[c] = pa.array(mixed, pa.float64(), mask=~np.isfinite(mixed))
+        start = 0  # the copy, batch by batch: the training rows of each batch, in order
+        for batch in scan.batches():
+            done, end = np.searchsorted(src, [start, start + batch.num_rows])
+            copy = pa.Table.from_batches([batch]).take(pa.array(src[done:end] - start))
+            start += batch.num_rows
+            if not copy.num_rows:
+                continue
+            columns = {c: new[c].slice(done, end - done) for c in new}
+            columns[paths.ID] = pc.binary_join_element_wise(copy[paths.ID], f"#aug{k}", "")
+            copy = _with_source(copy, True)
+            yield pa.Table.from_arrays([columns.get(name, column) for name, column in
+                                        zip(copy.column_names, copy.columns)], schema=copy.schema)
 
 
 def _class_of(table: pa.Table, params: Params) -> np.ndarray | None:
     """The class label of each row for the task that pairs rows, or None when there is none."""
     tasks = params.data.tasks
     name = params.augment.interpolate_task or next(
-        (n for n, t in tasks.items() if t.kind != "regression"), None)
+        (n for n, t in tasks.items() if t.kind in ("binary", "multiclass")), None)
     if name is None:
         return None
     return np.asarray(table[tasks[name].target].to_pylist(), dtype=object)

@@ -8,9 +8,21 @@
 with B the baseline's metric and h = 1 where lower is better, so a positive Δm is better than
 single-task learning. Metrics in ``compare.exclude`` (R² by default) and metrics whose baseline is
 0 or missing are left out of the average; a task with no metric left is left out of T.
+
+With several seeds, each variant's Δm is computed per seed against the baseline's mean over seeds,
+and every metric and Δm is reported as mean ± sample std. A difference from the baseline counts as
+within noise when Welch's two-sided t-test (unequal variances; Welch 1947) over the per-seed
+values gives p >= ``compare.alpha``; for Δm the baseline's own per-seed Δm values are the
+reference sample.
 """
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 from mtl import paths
 from mtl.config import Params
@@ -36,54 +48,125 @@ def delta_m(metrics: dict[str, dict[str, float]], baseline: dict[str, dict[str, 
     return 100.0 * sum(per_task) / len(per_task) if per_task else None
 
 
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (unequal variances) that ``a`` and ``b`` have the same
+    mean; None when either has fewer than 2 values. Two constant samples give 1 when equal, else 0
+    (the t statistic is undefined there)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if np.var(a) == 0 and np.var(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # nearly equal samples
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def summarise(values: list[float], baseline: list[float], alpha: float) -> dict:
+    """Mean, sample std, and Welch's p against the baseline's values; ``within_noise`` is True
+    when p >= alpha (the difference is not significant), None when there are too few seeds."""
+    p = welch_p(values, baseline)
+    return {"mean": _round(float(np.mean(values))),
+            "std": _round(float(np.std(values, ddof=1))) if len(values) > 1 else None,
+            "p": _round(p), "within_noise": None if p is None else bool(p >= alpha)}
+
+
+def read_metrics(path: Path, tasks: list[str]) -> dict[str, dict[str, float | None]]:
+    """An evaluate output: task -> metric -> value (or null), for exactly ``tasks``."""
+    metrics = read_json(path)
+    ok = isinstance(metrics, dict) and sorted(metrics) == sorted(tasks) and all(
+        isinstance(m, dict) and all(v is None or isinstance(v, int | float) for v in m.values())
+        for m in metrics.values())
+    if not ok:
+        raise UserError(f"{path}: not the test metrics of tasks {tasks} "
+                        "(re-run its evaluate stage)")
+    return {task: {k: v for k, v in metrics[task].items() if k in HIGHER_IS_BETTER} for task in tasks}
+
+
 def run(params: Params) -> None:
-    baseline_name = params.compare.baseline
-    results = {}
+    baseline_name, seeds, alpha = params.compare.baseline, params.seeds, params.compare.alpha
+    runs = {}  # variant -> one {task: {metric: value}} per seed
     for variant in params.variants:
-        path = paths.variant_metrics(variant)
-        if not path.is_file():
-            raise UserError(f"{path}: file not found (run 'mtl evaluate --variant {variant}' first)")
-        results[variant] = {task: {k: v for k, v in m.items() if k in HIGHER_IS_BETTER}
-                            for task, m in read_json(path).items()}
-    baseline = results[baseline_name]
-    table = {v: {"delta_m": _round(delta_m(m, baseline, params.compare.exclude)), "tasks": m}
-             for v, m in results.items()}
+        runs[variant] = []
+        for seed in seeds:
+            path = paths.variant_metrics(variant, seed)
+            if not path.is_file():
+                raise UserError(f"{path}: file not found "
+                                f"(run 'mtl evaluate --variant {variant} --seed {seed}' first)")
+            runs[variant].append(read_metrics(path, list(params.data.tasks)))
+    base_runs = runs[baseline_name]
+    base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
+                 for task, ms in base_runs[0].items()}
+    base_dm = [delta_m(r, base_mean, params.compare.exclude) for r in base_runs]
+    table = {}
+    for variant, per_seed in runs.items():
+        dms = [delta_m(r, base_mean, params.compare.exclude) for r in per_seed]
+        tasks = {}
+        for task, ms in per_seed[0].items():
+            tasks[task] = {}
+            for metric in ms:
+                values = [r[task][metric] for r in per_seed]
+                base = [r.get(task, {}).get(metric) for r in base_runs]
+                if any(v is None for v in values + base):
+                    tasks[task][metric] = {"mean": None, "std": None, "p": None, "within_noise": None}
+                else:
+                    tasks[task][metric] = summarise(values, base, alpha)
+        delta = ({"mean": None, "std": None, "p": None, "within_noise": None}
+                 if None in dms + base_dm else summarise(dms, base_dm, alpha))
+        table[variant] = {"delta_m": delta | {"per_seed": [_round(d) for d in dms]}, "tasks": tasks}
     write_json(table, paths.COMPARE_JSON)
-    report = render(table, baseline_name, params.compare.exclude)
+    report = render(table, baseline_name, params.compare.exclude, seeds, alpha)
     write_text(report, paths.REPORT)
     print(report)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def render(table: dict, baseline: str, exclude: list[str]) -> str:
-    """A Markdown report: one row per variant, one column per task metric, best values in bold."""
+def render(table: dict, baseline: str, exclude: list[str], seeds: list[int], alpha: float) -> str:
+    """A Markdown report: one row per variant, one column per task metric (mean ± std over
+    seeds), best means in bold, differences from the baseline within noise marked ≈."""
     columns = [(task, metric) for task, ms in table[baseline]["tasks"].items() for metric in ms]
     best = {}
     for task, metric in columns:
-        values = [r["tasks"].get(task, {}).get(metric) for r in table.values()]
+        values = [r["tasks"].get(task, {}).get(metric, {}).get("mean") for r in table.values()]
         values = [v for v in values if v is not None]
         if values:
             best[task, metric] = (max if HIGHER_IS_BETTER[metric] else min)(values)
     arrow = {True: "↑", False: "↓"}
     head = ["variant", "Δm % ↑"] + [f"{t} {m} {arrow[HIGHER_IS_BETTER[m]]}" for t, m in columns]
-    intro = (f"Test-split metrics of every variant. Δm is the mean relative change against the "
-             f"`{baseline}` baseline over tasks and their metrics (sign-flipped where lower is "
-             f"better; positive = better than single-task). Left out of Δm: "
-             f"{', '.join(exclude) or 'nothing'}. Best value of each column in bold.")
+    noise = (f" ≈ marks a difference from `{baseline}` within noise: Welch's two-sided t-test "
+             f"over the seeds gives p ≥ {alpha}." if len(seeds) > 1 else
+             " One seed: no spread, so nothing can be said about noise; set `seeds` to several.")
+    intro = (f"Test-split metrics of every variant, mean ± std over seeds {seeds}. Δm is the mean "
+             f"relative change against the `{baseline}` baseline's mean over tasks and their "
+             f"metrics (sign-flipped where lower is better; positive = better than single-task), "
+             f"per seed. Left out of Δm: {', '.join(exclude) or 'nothing'}. Best mean of each "
+             f"column in bold.{noise}")
     lines = ["# Comparison against single-task learning", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in table.items():
-        dm = row["delta_m"]
-        cells = [f"`{variant}`", "baseline" if variant == baseline else _fmt(dm, signed=True)]
+        cells = [f"`{variant}`", "baseline" if variant == baseline else _cell(row["delta_m"], True)]
         for task, metric in columns:
-            value = row["tasks"].get(task, {}).get(metric)
-            text = _fmt(value)
-            cells.append(f"**{text}**" if value is not None and value == best.get((task, metric)) else text)
+            stat = row["tasks"].get(task, {}).get(metric, {})
+            bold = stat.get("mean") is not None and stat["mean"] == best.get((task, metric))
+            cells.append(_cell(stat, bold=bold, baseline=variant == baseline))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(stat: dict, signed: bool = False, bold: bool = False, baseline: bool = False) -> str:
+    text = _fmt(stat.get("mean"), signed)
+    if stat.get("std") is not None:
+        text += f" ± {stat['std']:.2f}" if signed else f" ± {_fmt(stat['std'])}"
+    if bold:
+        text = f"**{text}**"
+    if stat.get("within_noise") and not baseline:
+        text += " ≈"
+    return text
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:

@@ -2,15 +2,18 @@
 a stable row id, plus a schema record (feature kinds, category vocabularies, label statistics).
 
 Categorical and text features and classification targets are stored as strings, numeric
-features and regression targets as float64, image features as binary (raw uint8 pixels, H*W
-bytes a row, with (H, W) recorded in the schema); rows with missing labels are kept (the engine
-masks them).
+features and regression targets as float64, multilabel label columns as booleans, image
+features as binary (raw uint8 pixels, H*W bytes a row, with (H, W) recorded in the schema); rows
+with missing labels are kept (the engine masks them).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +22,7 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import DataConfig, Params
 from mtl.errors import UserError
-from mtl.io import read_source, write_json, write_table
+from mtl.io import RowGroupWriter, Scan, atomic_paths, scan_source
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -28,80 +31,113 @@ BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_
 
 
 def run(params: Params) -> None:
-    table = read_source(params.data.source)
-    table, schema = prepare(table, params.data)
-    write_table(table, paths.INGESTED)
-    write_json(schema, paths.SCHEMA)
-    print(f"ingest: {table.num_rows} rows, {len(schema['features'])} features, "
+    scan = scan_source(params.data.source)
+    with atomic_paths(paths.INGESTED, paths.SCHEMA) as (table_tmp, schema_tmp):  # both or neither
+        writer: RowGroupWriter | None = None
+
+        def write(table: pa.Table) -> None:
+            nonlocal writer
+            writer = writer or RowGroupWriter(table_tmp, table.schema)
+            writer.write(table)
+
+        schema = ingest(scan, params.data, write)
+        writer.close()
+        schema_tmp.write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
+    print(f"ingest: {schema['n_rows']} rows, {len(schema['features'])} features, "
           f"{len(schema['tasks'])} tasks -> {paths.INGESTED}")
 
 
-def feature_kinds(table: pa.Table, data: DataConfig) -> dict[str, str]:
-    """Each feature column and its kind: numeric, categorical, text or image."""
-    targets = {t.target for t in data.tasks.values()}
-    skip = targets | {data.id_column} | set(data.drop) | set(paths.RESERVED)
-    names = data.features if data.features is not None else [c for c in table.column_names if c not in skip]
-    kinds = {}
-    for name in names:
-        if name not in table.column_names:
-            raise UserError(f"data.features: column '{name}' is not in the data")
-        kind = table.schema.field(name).type
-        if name in data.text:
-            if not any(check(kind) for check in STRING_TYPES):
-                raise UserError(f"data.text: column '{name}' has type {kind}, expected strings")
-            kinds[name] = "text"
-        elif name in data.image:
-            if not any(check(kind) for check in BINARY_TYPES):
-                raise UserError(f"data.image: column '{name}' has type {kind}, expected binary "
-                                "(raw uint8 pixels)")
-            kinds[name] = "image"
-        elif name in data.categorical or any(check(kind) for check in TEXT_TYPES):
-            kinds[name] = "categorical"
-        elif any(check(kind) for check in NUMERIC_TYPES):
-            kinds[name] = "numeric"
-        else:
-            raise UserError(f"data.features: column '{name}' has type {kind}, which is neither "
-                            "numeric nor categorical (list it under data.drop, or under data.image "
-                            "for raw pixels)")
-    if not kinds:
-        raise UserError("data.features: no feature column left")
-    return kinds
-
-
 def prepare(table: pa.Table, data: DataConfig) -> tuple[pa.Table, dict]:
-    if table.num_rows == 0:
-        raise UserError(f"data.source: '{data.source}' holds no rows")
-    for name, task in data.tasks.items():
-        if task.target not in table.column_names:
-            raise UserError(f"data.tasks.{name}.target: column '{task.target}' is not in the data")
-    if data.id_column is not None and data.id_column not in table.column_names:
-        raise UserError(f"data.id_column: column '{data.id_column}' is not in the data")
-    for key in ("text", "image"):
-        for name in getattr(data, key):
-            if name not in table.column_names:
-                raise UserError(f"data.{key}: column '{name}' is not in the data")
-    kinds = feature_kinds(table, data)
+    """The ingested table and its schema record, in memory (what ``run`` writes)."""
+    parts: list[pa.Table] = []
+    schema = ingest(Scan.of(table), data, parts.append)
+    return pa.concat_tables(parts), schema
 
-    columns: dict[str, pa.ChunkedArray] = {paths.ID: row_ids(table, data.id_column)}
-    features: dict[str, dict] = {}
-    for name, kind in kinds.items():
-        columns[name] = _as(table[name], kind, f"data.features: column '{name}'")
-        features[name] = {"kind": kind, "n_missing": _n_missing(columns[name])} | _stats(columns[name], kind)
-        if kind == "image":
-            features[name]["shape"] = _image_shape(columns[name], name, data.image_shape)
-    shapes = {tuple(f["shape"]) for f in features.values() if f["kind"] == "image"}
+
+def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> dict:
+    """Convert ``scan`` batch by batch, passing each converted batch to ``write``, and return the
+    schema record. Checks that need the whole table run once it has been read, in a fixed order,
+    so the first problem reported does not depend on the batch size."""
+    head = 0
+    for batch in scan.batches():
+        head += batch.num_rows
+        if head >= 2:
+            break
+    if head < 2:
+        raise UserError(f"data.source: '{data.source}' holds {'no rows' if head == 0 else 'a single row'}"
+                        "; train, validation and test splits need more")
+    names = scan.schema.names
+    for name, task in data.tasks.items():
+        for column in task.columns:
+            if column not in names:
+                raise UserError(f"data.tasks.{name}.target: column '{column}' is not in the data")
+    if data.id_column is not None and data.id_column not in names:
+        raise UserError(f"data.id_column: column '{data.id_column}' is not in the data")
+    for key in ("categorical", "text", "image", "drop"):
+        for name in getattr(data, key):
+            if name not in names:
+                raise UserError(f"data.{key}: column '{name}' is not in the data")
+
+    features = {name: _Column(name, kind, f"data.features: column '{name}'", data, feature=True)
+                for name, kind in feature_kinds(scan.schema, data).items()}
+    ids = _Column(data.id_column, "categorical", f"data.id_column: column '{data.id_column}'", data,
+                  counts=False) if data.id_column is not None else None
+    targets: dict[str, _Column] = {}
+    for name, task in data.tasks.items():
+        for c in task.columns:
+            what = f"data.tasks.{name}.target: column '{c}'"
+            kind = {"multilabel": "flags", "regression": "numeric"}.get(task.kind, "categorical")
+            targets[c] = _Column(c, kind, what, data)
+    n_rows, labelled, unhashable = 0, collections.Counter(), None
+    for batch in scan.batches():
+        try:
+            columns = {paths.ID: ids.add(batch, n_rows) if ids else _content_ids(batch)}
+        except pa.ArrowException as exc:  # a column that has no text form: raised after the feature checks
+            columns, unhashable = {paths.ID: None}, unhashable or exc
+        columns |= {name: col.add(batch, n_rows) for name, col in features.items()}
+        columns |= {c: col.add(batch, n_rows) for c, col in targets.items()}
+        for name, task in data.tasks.items():
+            if task.kind == "multilabel" and all(columns[c] is not None for c in task.columns):
+                valid = np.stack([columns[c].is_valid().to_numpy(zero_copy_only=False) for c in task.columns])
+                labelled[name] += int(valid.any(axis=0).sum())
+        n_rows += batch.num_rows
+        if all(v is not None for v in columns.values()):
+            write(pa.table(columns))
+
+    for col in features.values():  # the checks, in order
+        col.check_kind(n_rows)
+    if not features:
+        raise UserError("data.features: no feature column left")
+    if unhashable is not None:
+        raise unhashable
+    if ids is not None:
+        ids.check_values()
+        if ids.n_missing:
+            raise UserError(f"data.id_column: column '{data.id_column}' has {ids.n_missing} missing values")
+    for col in features.values():
+        col.check_values()
+        if col.n_missing == n_rows:
+            raise UserError(f"data.features: column '{col.name}' has no value at all (list it under data.drop)")
+        if col.kind == "image":
+            col.check_image()
+    shapes = {tuple(col.shape) for col in features.values() if col.kind == "image"}
     if len(shapes) > 1:
         raise UserError(f"data.image: the image columns have different shapes {sorted(shapes)}; "
                         "they are stacked as channels of one image, so they must share one")
     tasks: dict[str, dict] = {}
     for name, task in data.tasks.items():
-        kind = "numeric" if task.kind == "regression" else "categorical"
-        column = _as(table[task.target], kind, f"data.tasks.{name}.target: column '{task.target}'")
-        columns[task.target] = column
-        n_missing = _n_missing(column)
-        if n_missing == table.num_rows:
+        for c in task.columns:
+            targets[c].check_values()
+        if task.kind == "multilabel":
+            flags = [targets[c] for c in task.columns]
+            tasks[name] = {"kind": task.kind, "target": task.columns, "labels": task.columns,
+                           "n_labelled": labelled[name], "positives": {f.name: f.positives for f in flags},
+                           "missing": {f.name: f.n_missing for f in flags}}
+            continue
+        col = targets[task.target]
+        if col.n_missing == n_rows:
             raise UserError(f"data.tasks.{name}.target: column '{task.target}' has no label at all")
-        stats = _stats(column, kind)
+        stats = col.stats()
         if task.kind == "binary" and len(stats["vocabulary"]) != 2:
             raise UserError(f"data.tasks.{name}.target: a binary task needs exactly 2 classes, "
                             f"column '{task.target}' has {len(stats['vocabulary'])}")
@@ -110,17 +146,211 @@ def prepare(table: pa.Table, data: DataConfig) -> tuple[pa.Table, dict]:
         if "vocabulary" in stats:
             stats = {"classes": stats.pop("vocabulary")} | stats
         tasks[name] = {"kind": task.kind, "target": task.target,
-                       "n_labelled": table.num_rows - n_missing, "n_missing": n_missing} | stats
-    schema = {"source": data.source, "n_rows": table.num_rows,
-              "id": f"column:{data.id_column}" if data.id_column else "row-content-hash",
-              "features": features, "tasks": tasks}
-    return pa.table(columns), schema
+                       "n_labelled": n_rows - col.n_missing, "n_missing": col.n_missing} | stats
+    return {"source": data.source, "n_rows": n_rows,
+            "id": f"column:{data.id_column}" if data.id_column else "row-content-hash",
+            "features": {name: {"kind": col.kind, "n_missing": col.n_missing} | col.stats()
+                         | ({"shape": col.shape} if col.kind == "image" else {})
+                         for name, col in features.items()},
+            "tasks": tasks}
+
+
+def feature_kinds(schema: pa.Schema, data: DataConfig) -> dict[str, str | None]:
+    """Each feature column and its kind (numeric, categorical, text or image), judged by its
+    type; None where the type does not fit (``_Column.check_kind`` says why, in order)."""
+    targets = {c for t in data.tasks.values() for c in t.columns}
+    skip = targets | {data.id_column} | set(data.drop) | set(paths.RESERVED)
+    names = data.features if data.features is not None else [c for c in schema.names if c not in skip]
+    kinds: dict[str, str | None] = {}
+    for name in names:
+        kind = schema.field(name).type if name in schema.names else None
+        if kind is None:
+            kinds[name] = None
+        elif name in data.text:
+            kinds[name] = "text" if any(check(kind) for check in STRING_TYPES) else None
+        elif name in data.image:
+            kinds[name] = "image" if any(check(kind) for check in BINARY_TYPES) else None
+        elif name in data.categorical or any(check(kind) for check in TEXT_TYPES):
+            kinds[name] = "categorical"
+        elif any(check(kind) for check in NUMERIC_TYPES):
+            kinds[name] = "numeric"
+        else:
+            kinds[name] = None
+    return kinds
+
+
+class _Column:
+    """One column of the source, converted batch by batch (``add``), with the counts that its
+    checks and its schema.json entry need."""
+
+    def __init__(self, name: str, kind: str | None, what: str, data: DataConfig, feature: bool = False,
+                 counts: bool = True):
+        self.name, self.kind, self.what, self.data = name, kind, what, data
+        self.feature, self.keep_counts = feature, counts
+        self.type: pa.DataType | None = None
+        self.rows = self.raw_nulls = self.n_missing = self.n_inf = self.positives = 0
+        self.failed = False  # a batch could not be converted
+        self.bad_flag = None  # the first value of a multilabel column that is not 0/1/true/false
+        self.numbers: list = [0, 0, None]  # in text: values, values that are not numbers, the first of those
+        self.counts: collections.Counter = collections.Counter()  # categorical: rows per value
+        self.parts: list[tuple[int, float, float, float, float]] = []  # numeric: n, mean, std, min, max
+        self.shape = list(data.image_shape) if name in data.image and data.image_shape else None
+        self.image_error: str | None = None
+
+    def _count_numbers(self) -> bool:
+        """Whether the refusal of numbers mixed with text needs counting for this column."""
+        text = self.type is not None and any(check(self.type) for check in STRING_TYPES)
+        return text and (self.kind == "numeric" or (self.feature and self.kind == "categorical"
+                                                    and self.name not in self.data.categorical))
+
+    def add(self, batch: pa.RecordBatch, offset: int) -> pa.Array | None:
+        """The column in ``batch`` converted (None if it is not there or did not convert);
+        ``offset``: the index of the batch's first row."""
+        if self.name not in batch.schema.names:
+            return None
+        column = batch.column(self.name)
+        self.type = column.type
+        self.rows += len(column)
+        self.raw_nulls += column.null_count
+        if self.kind == "numeric" and self._count_numbers():
+            text = column.cast(pa.string())
+            self._count_numbers_in(text, pc.value_counts(text))
+        if self.kind is None or self.failed:
+            return None
+        try:
+            out = _as_flags(column) if self.kind == "flags" else _as(column, self.kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            self.failed = True
+            return None
+        if self.kind == "flags":
+            if isinstance(out, str):
+                self.bad_flag = self.bad_flag or out
+                return None
+            self.positives += int(pc.sum(out).as_py() or 0)
+        if self.kind == "numeric":
+            values = out.to_numpy(zero_copy_only=False)  # nulls as NaN
+            finite = np.isfinite(values)
+            if not finite.all():
+                n_nan = int(np.isnan(values).sum())
+                self.n_missing += n_nan
+                self.n_inf += len(values) - int(finite.sum()) - n_nan
+                values = values[finite]
+            if len(values):
+                self.parts.append((len(values), values.mean(), values.std(), values.min(), values.max()))
+            return out
+        self.n_missing += out.null_count
+        if self.kind == "categorical" and self.keep_counts:
+            counts = pc.value_counts(out)
+            self.counts.update({d["values"]: d["counts"] for d in counts.to_pylist() if d["values"] is not None})
+            if self._count_numbers():
+                self._count_numbers_in(out, counts)
+        elif self.kind == "image" and self.image_error is None:
+            self._add_image(out, offset)
+        return out
+
+    def _count_numbers_in(self, text: pa.Array, counts: pa.StructArray) -> None:
+        """Add up the values of ``text`` (with their ``pc.value_counts``) that are not numbers,
+        and keep the first one; the regular expression runs on the distinct values only."""
+        values = counts.field("values")
+        words = pc.invert(pc.fill_null(pc.match_substring_regex(values, NUMBER), True))
+        n_bad = int(pc.sum(counts.field("counts").filter(words)).as_py() or 0)
+        if n_bad and self.numbers[2] is None:
+            self.numbers[2] = text.filter(pc.is_in(text, values.filter(words)))[0].as_py()
+        self.numbers[0] += len(text) - text.null_count
+        self.numbers[1] += n_bad
+
+    def check_kind(self, n_rows: int) -> None:
+        """The checks on a feature's type and presence (in the order they were always made)."""
+        data, name = self.data, self.name
+        if self.type is None:
+            raise UserError(f"data.features: column '{name}' is not in the data")
+        if self.raw_nulls == n_rows:
+            raise UserError(f"data.features: column '{name}' has no value at all (list it under data.drop)")
+        if name in data.text and self.kind is None:
+            raise UserError(f"data.text: column '{name}' has type {self.type}, expected strings")
+        if name in data.image and self.kind is None:
+            raise UserError(f"data.image: column '{name}' has type {self.type}, expected binary "
+                            "(raw uint8 pixels)")
+        if self.kind == "categorical" and self._count_numbers():
+            _refuse_numbers_with_text(self.numbers, f"data.features: column '{name}'", 0.5,
+                                      hint=", or list the column under data.categorical")
+        if self.kind is None:
+            raise UserError(f"data.features: column '{name}' has type {self.type}, which is neither "
+                            "numeric nor categorical (list it under data.drop, or under data.image "
+                            "for raw pixels)")
+
+    def check_values(self) -> None:
+        """The checks on converting the values: types, infinities, multilabel values."""
+        if self.kind == "flags":
+            expected = "a multilabel column holds 0/1, true/false or nothing"
+            if self.failed:
+                raise UserError(f"{self.what} has type {self.type}, {expected}")
+            if self.bad_flag is not None:
+                raise UserError(f"{self.what} holds {self.bad_flag}, {expected}")
+            if self.n_missing == self.rows:
+                raise UserError(f"{self.what} has no label at all")
+            return
+        if self.failed:
+            if self.kind == "numeric" and self._count_numbers():
+                _refuse_numbers_with_text(self.numbers, self.what, 0.0)
+            raise UserError(f"{self.what} has type {self.type}, expected {self.kind} values")
+        if self.n_inf:
+            raise UserError(f"{self.what} holds {self.n_inf} infinite value{'s' if self.n_inf > 1 else ''}; "
+                            "fix them, or leave them empty to mark them missing")
+
+    def stats(self) -> dict:
+        if self.kind in ("text", "image"):
+            return {}
+        if self.kind == "categorical":
+            return {"vocabulary": sorted(self.counts), "counts": {k: self.counts[k] for k in sorted(self.counts)}}
+        if not self.parts:
+            return {"mean": None, "std": None, "min": None, "max": None}
+        if len(self.parts) == 1:
+            _, mean, std, low, high = self.parts[0]
+        else:  # the batches' means and variances pooled
+            n, means, stds, lows, highs = (np.array(v) for v in zip(*self.parts))
+            mean = float((n * means).sum() / n.sum())
+            std = math.sqrt(float((n * (stds**2 + (means - mean) ** 2)).sum() / n.sum()))
+            low, high = lows.min(), highs.max()
+        return {"mean": float(mean), "std": float(std), "min": float(low), "max": float(high)}
+
+    def _add_image(self, column: pa.Array, offset: int) -> None:
+        """(H, W) of the images (``data.image_shape``, or the side of the first, square, image);
+        every image must hold H*W bytes."""
+        name = self.name
+        sizes = pc.binary_length(column).to_numpy(zero_copy_only=False)
+        present = np.flatnonzero(~np.isnan(sizes)) if sizes.dtype.kind == "f" else np.arange(len(sizes))
+        if not len(present):
+            return
+        if self.shape is None:
+            first = int(sizes[present[0]])
+            side = math.isqrt(first)
+            if side * side != first:
+                self.image_error = (f"data.image: images in column '{name}' have {first} bytes, not a square "
+                                    "number; set data.image_shape: [height, width]")
+                return
+            self.shape = [side, side]
+        bad = present[sizes[present] != self.shape[0] * self.shape[1]]
+        if len(bad):
+            h, w = self.shape
+            self.image_error = (f"data.image: column '{name}' row {offset + bad[0]} has {int(sizes[bad[0]])} "
+                                f"bytes, expected {h}x{w} = {h * w} (raw uint8 pixels)")
+
+    def check_image(self) -> None:
+        if self.image_error:
+            raise UserError(self.image_error)
+        if self.n_missing == self.rows:
+            raise UserError(f"data.image: column '{self.name}' holds no image")
+
+
+def _content_ids(batch: pa.RecordBatch) -> pa.Array:
+    return row_ids(pa.Table.from_batches([batch]), None).combine_chunks()
 
 
 def row_ids(table: pa.Table, id_column: str | None) -> pa.ChunkedArray:
     """The stable key of each row: the id column as text, or a hash of the row's content."""
     if id_column is not None:
-        ids = table[id_column].cast(pa.string())
+        ids = _as(table[id_column], "categorical")  # NaN is missing
         if ids.null_count:
             raise UserError(f"data.id_column: column '{id_column}' has {ids.null_count} missing values")
         return ids
@@ -139,51 +369,35 @@ def _as_key(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.string())
 
 
-def _image_shape(column: pa.ChunkedArray, name: str, shape: list[int] | None) -> list[int]:
-    """(H, W) of the images in ``column`` (``data.image_shape``, or the side of square images);
-    every image must hold H*W bytes."""
-    sizes = pc.binary_length(column).to_numpy(zero_copy_only=False)
-    present = np.flatnonzero(~np.isnan(sizes)) if sizes.dtype.kind == "f" else np.arange(len(sizes))
-    if not len(present):
-        raise UserError(f"data.image: column '{name}' holds no image")
-    if shape is None:
-        first = int(sizes[present[0]])
-        side = math.isqrt(first)
-        if side * side != first:
-            raise UserError(f"data.image: images in column '{name}' have {first} bytes, not a square "
-                            "number; set data.image_shape: [height, width]")
-        shape = [side, side]
-    bad = present[sizes[present] != shape[0] * shape[1]]
-    if len(bad):
-        raise UserError(f"data.image: column '{name}' row {bad[0]} has {int(sizes[bad[0]])} bytes, "
-                        f"expected {shape[0]}x{shape[1]} = {shape[0] * shape[1]} (raw uint8 pixels)")
-    return list(shape)
+def _as(column: pa.Array, kind: str) -> pa.Array:
+    """``column`` as binary (image), float64 (numeric) or strings; NaN in a float column read as
+    categories is a missing value. Raises pyarrow's error when the values do not convert."""
+    if kind == "categorical" and pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column.cast({"image": pa.binary(), "numeric": pa.float64()}.get(kind, pa.string()))
 
 
-def _as(column: pa.ChunkedArray, kind: str, what: str) -> pa.ChunkedArray:
-    try:
-        if kind == "image":
-            return column.cast(pa.binary())
-        return column.cast(pa.float64() if kind == "numeric" else pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise UserError(f"{what} has type {column.type}, expected {kind} values") from None
+NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
-def _n_missing(column: pa.ChunkedArray) -> int:
+def _refuse_numbers_with_text(numbers: list, what: str, share: float, hint: str = "") -> None:
+    """Fail if more than ``share`` of a text column's values are numbers but some are not: a
+    numeric column with a typo, read as text. ``numbers``: values, non-numbers, the first of those."""
+    n_values, n_bad, first = numbers
+    if 0 < n_bad and n_values - n_bad > share * n_values:
+        raise UserError(f"{what} holds numbers and {n_bad} value{'s' if n_bad > 1 else ''} that "
+                        f"{'are' if n_bad > 1 else 'is'} not, e.g. '{first}': fix them or "
+                        f"leave them empty to mark them missing{hint}")
+
+
+def _as_flags(column: pa.Array) -> pa.Array | str:
+    """A multilabel column as booleans, null where the label is missing; or the first value that
+    is not a label, as text. Raises pyarrow's error when the type does not fit."""
     if pa.types.is_floating(column.type):
-        return int(pc.sum(pc.is_nan(pc.fill_null(column, float("nan")))).as_py() or 0)
-    return column.null_count
-
-
-def _stats(column: pa.ChunkedArray, kind: str) -> dict:
-    if kind in ("text", "image"):
-        return {}
-    if kind == "categorical":
-        counts = {d["values"]: d["counts"] for d in pc.value_counts(column).to_pylist() if d["values"] is not None}
-        return {"vocabulary": sorted(counts), "counts": {k: counts[k] for k in sorted(counts)}}
-    values = column.to_numpy(zero_copy_only=False)
-    finite = values[np.isfinite(values)]
-    if not len(finite):
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": float(finite.mean()), "std": float(finite.std()),
-            "min": float(finite.min()), "max": float(finite.max())}
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    text = pc.utf8_lower(column.cast(pa.string()))
+    ok = pc.or_kleene(pc.is_null(text), pc.is_in(text, pa.array(["0", "1", "false", "true"])))
+    bad = column.filter(pc.invert(ok))
+    if len(bad):
+        return str(bad[0].as_py())
+    return pc.or_(pc.equal(text, "1"), pc.equal(text, "true"))

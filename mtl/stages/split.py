@@ -1,4 +1,4 @@
-"""split: the augmented table -> train/val/test Parquet files.
+"""split: the augmented table -> train/val/test Parquet files, streamed batch by batch.
 
 A row's split is a function of its source row's stable key alone (a salted hash mapped to
 [0, 1)), so appending rows to the raw data never moves an existing row, and every augmented copy
@@ -8,6 +8,7 @@ lands in its source's split. Validation and test keep original rows only.
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,33 +16,109 @@ import pyarrow.compute as pc
 
 from mtl import paths
 from mtl.config import Params, SplitConfig
-from mtl.io import read_table, write_table
+from mtl.errors import UserError
+from mtl.io import RowGroupWriter, atomic_paths, scan_table
 from mtl.stages.common import require_columns
 
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
-def unit_hash(keys: pa.ChunkedArray, salt: str) -> np.ndarray:
-    """Each key mapped to a number in [0, 1) by BLAKE2b, stable across runs and machines."""
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser of h + γ: a bijection of 64-bit words that spreads every input bit."""
+    h = h + GAMMA
+    h = (h ^ (h >> np.uint64(30))) * M1
+    h = (h ^ (h >> np.uint64(27))) * M2
+    return h ^ (h >> np.uint64(31))
+
+
+def blake2b_unit(keys: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
+    """Each key mapped to [0, 1) by BLAKE2b of salt, a zero byte and the key (the first 8 bytes
+    of the digest, big-endian, / 2^64): one Python call per key, about 1.2 µs."""
     prefix = salt.encode() + b"\x00"
     return np.array([int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8).digest(), "big")
                      for k in keys.to_pylist()], dtype=np.float64) / 2.0**64
 
 
-def assign(keys: pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
+def splitmix64_unit(keys: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
+    """Each key mapped to a number in [0, 1), the same on every run, machine and version.
+
+    h = mix(s ⊕ n), with s the first 8 bytes of BLAKE2b(salt) and n the key's length in UTF-8
+    bytes; then h = mix(h ⊕ w) for each 8-byte little-endian word w of the key (the last one
+    zero-padded); the result is h's top 53 bits / 2^53. Vectorised with numpy: about 0.1 µs a key.
+    """
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    keys = keys.cast(pa.large_binary())
+    _, offsets, data = keys.buffers()
+    offsets = np.frombuffer(offsets, np.int64)[keys.offset:keys.offset + len(keys) + 1]
+    data = np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data, np.zeros(8, np.uint8)])
+    words = np.ndarray(len(data) - 7, dtype="<u8", buffer=data, strides=(1,))  # the 8 bytes at each offset
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    seed = np.uint64(int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little"))
+    h = _mix(seed ^ lengths.astype(np.uint64))
+    for j in range(0, int(lengths.max(initial=0)), 8):
+        rest = np.clip(lengths - j, 0, 8).astype(np.uint64)
+        mask = np.where(rest == 8, ~np.uint64(0), (np.uint64(1) << (rest * np.uint64(8))) - np.uint64(1))
+        h = np.where(rest > 0, _mix(h ^ (words[np.minimum(starts + j, len(words) - 1)] & mask)), h)
+    return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def assign(keys: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
     """The split name of each key: test below ``test``, val below ``test + val``, else train."""
-    u = unit_hash(keys, config.salt)
+    u = (splitmix64_unit if config.hash == "splitmix64" else blake2b_unit)(keys, config.salt)
     return np.where(u < config.test, "test", np.where(u < config.test + config.val, "val", "train"))
 
 
 def run(params: Params) -> None:
-    table = read_table(paths.AUGMENTED)
-    require_columns(table, paths.AUGMENTED, params, reserved=True)
-    which = assign(table[paths.SOURCE_ID], params.split)
-    augmented = table[paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False)
-    counts = {}
-    for name in paths.SPLITS:
-        keep = (which == name) & (~augmented if name != "train" else True)
-        part = table.filter(pa.array(keep))
-        write_table(part, paths.split_path(name))
-        counts[name] = part.num_rows
-    n_aug = int(pc.sum(table[paths.AUGMENTED_FLAG]).as_py() or 0)
+    scan = scan_table(paths.AUGMENTED)
+    require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=True)
+    targets = [c for task in params.data.tasks.values() for c in task.columns]
+    counts = dict.fromkeys(paths.SPLITS, 0)
+    labelled = {name: dict.fromkeys(targets, 0) for name in paths.SPLITS}  # rows with a label
+    kinds = [t.target for t in params.data.tasks.values() if t.kind in ("binary", "multiclass")]
+    classes = {name: {c: set() for c in kinds} for name in paths.SPLITS}
+    n_aug = 0
+    with atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps:
+        writers = {name: RowGroupWriter(tmp, scan.schema) for name, tmp in zip(paths.SPLITS, tmps)}
+        for batch in scan.batches():
+            which = assign(batch.column(paths.SOURCE_ID), params.split)
+            augmented = batch.column(paths.AUGMENTED_FLAG).to_numpy(zero_copy_only=False)
+            n_aug += int(augmented.sum())
+            for name, writer in writers.items():
+                part = pa.Table.from_batches([batch.filter(pa.array((which == name) & (~augmented if name != "train" else True)))])
+                counts[name] += part.num_rows
+                for c in targets:
+                    labelled[name][c] += part.num_rows - part[c].null_count
+                for c in kinds:
+                    classes[name][c].update(pc.unique(part[c]).to_pylist())
+                writer.write(part)
+        check(counts, labelled, classes, params)
+        for writer in writers.values():
+            writer.close()
     print("split: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()) + f" ({n_aug} augmented, in train)")
+
+
+def check(counts: dict[str, int], labelled: dict[str, dict[str, int]], classes: dict[str, dict[str, set]],
+          params: Params) -> None:
+    """Fail when a split that later stages need is empty or a task has no labelled training row;
+    warn (stderr) about classes that only validation or test rows have."""
+    sizes = ", ".join(f"{name} {n}" for name, n in counts.items())
+    for name in ("train", "test", "val") if params.split.val > 0 else ("train", "test"):
+        if counts[name] == 0:
+            raise UserError(f"split: no row falls in {name} ({sizes} rows); add rows or change "
+                            "split.val and split.test")
+    for name, task in params.data.tasks.items():
+        if not any(labelled["train"][c] > 0 for c in task.columns):
+            raise UserError(f"data.tasks.{name}: no training row has a label (rows: {sizes}); "
+                            "add labelled rows or change split.salt")
+        if task.kind not in ("binary", "multiclass"):
+            continue
+        seen = classes["train"][task.target]
+        for split_name in ("val", "test"):
+            unseen = sorted(classes[split_name][task.target] - seen - {None})
+            if unseen:
+                print(f"warning: data.tasks.{name}: {split_name} holds class{'es' if len(unseen) > 1 else ''} "
+                      f"{', '.join(map(repr, unseen))} that no training row has; the model cannot learn "
+                      f"{'them' if len(unseen) > 1 else 'it'}", file=sys.stderr)

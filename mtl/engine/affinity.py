@@ -1,0 +1,247 @@
+"""Task relatedness, measured during training: how a step for one task moves the others.
+
+- **Gradient cosine**: the cosine similarity between two tasks' loss gradients on the shared
+  parameters. Below 0 the tasks pull the shared layers apart, a "conflict" in the sense of Yu et
+  al. 2020, "Gradient Surgery for Multi-Task Learning".
+- **Inter-task affinity** (Fifty, Amid, Zhao, Yu, Anil, Finn 2021, "Efficiently Identifying
+  Task Groupings for Multi-Task Learning"): ``Z[i, j] = 1 - L_j(θ_s - lr ∇_{θ_s} L_i, θ_j) /
+  L_j(θ_s, θ_j)``, the relative drop of task j's loss after one SGD step on the shared
+  parameters θ_s for task i alone, on the same batch. Positive: a step for i lowers j's loss.
+
+Row i of each K×K matrix is the task taking the step, column j the task measured. A task without
+a labelled row in a batch (or, for the cosine, with a zero gradient) gives NaN there, which the
+averages ignore. The paper measures Z at every training step; ``AffinityProbe`` measures both on
+a few fixed training batches after each epoch. Measuring changes nothing: the model's weights,
+``.grad``, train/eval modes and every random state stay as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mtl.engine.tasks import Task
+from mtl.engine.trainer import TaskData, task_losses
+
+KINDS = ("cosine", "lookahead")
+MAX_GROUPED_TASKS = 8  # describe() scores groupings of at most this many tasks
+
+
+def gradient_cosines(model: nn.Module, tasks: Sequence[Task], data: TaskData) -> np.ndarray:
+    """[K, K] cosine similarity of the tasks' loss gradients on ``model.shared_parameters()``."""
+    with _evaluating(model):
+        return _cosines(_task_gradients(model, tasks, data)[1])
+
+
+def lookahead_affinity(model: nn.Module, tasks: Sequence[Task], data: TaskData,
+                       lr: float) -> np.ndarray:
+    """[K, K] inter-task affinity Z[i, j] of Fifty et al. 2021 for an SGD step of size ``lr``."""
+    with _evaluating(model):
+        losses, grads = _task_gradients(model, tasks, data)
+        return _lookahead(model, tasks, data, losses, grads, lr)
+
+
+class AffinityProbe:
+    """Both measures on ``batches`` fixed training batches of ``batch_size`` rows, drawn once with
+    a generator of its own; ``measure`` after each epoch, ``summary`` for the mean over epochs."""
+
+    def __init__(self, tasks: Sequence[Task], data: TaskData, batches: int, batch_size: int,
+                 seed: int):
+        self.tasks = list(tasks)
+        rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        device = next(iter(data.targets.values())).device
+        self.batches = [data.take(r.to(device)) for r in rows.split(batch_size)[:batches]]
+        self.history: list[dict[str, np.ndarray]] = []  # per epoch measured
+
+    def measure(self, model: nn.Module, lr: float) -> dict[str, np.ndarray]:
+        """Both K×K matrices, averaged over the batches; also appended to ``history``."""
+        per_batch = []
+        with _evaluating(model):
+            for batch in self.batches:
+                losses, grads = _task_gradients(model, self.tasks, batch)
+                per_batch.append({"cosine": _cosines(grads),
+                                  "lookahead": _lookahead(model, self.tasks, batch, losses, grads, lr)})
+        result = {kind: _nanmean([m[kind] for m in per_batch]) for kind in KINDS}
+        self.history.append(result)
+        return result
+
+    def summary(self) -> dict:
+        """The mean over the measured epochs, JSON-ready (NaN -> None)."""
+        k = len(self.tasks)
+        return {"tasks": [t.name for t in self.tasks],
+                **{kind: _to_json(_nanmean([h[kind] for h in self.history], (k, k)))
+                   for kind in KINDS},
+                "epochs": len(self.history)}
+
+    def state_dict(self) -> dict:
+        """Every epoch's matrices, JSON-ready, to resume from with ``load_state_dict``."""
+        return {"tasks": [t.name for t in self.tasks],
+                "history": [{kind: _to_json(h[kind]) for kind in KINDS} for h in self.history]}
+
+    def load_state_dict(self, state: dict, epochs: int) -> None:
+        """Take back the first ``epochs`` epochs of ``state``."""
+        if state["tasks"] != [t.name for t in self.tasks]:
+            raise ValueError(f"affinity state of tasks {state['tasks']}, not of this run's")
+        self.history = [{kind: _from_json(h[kind]) for kind in KINDS}
+                        for h in state["history"][:epochs]]
+
+
+def mean_over_runs(summaries: Sequence[dict]) -> dict:
+    """The mean of ``AffinityProbe.summary()`` dicts of several runs (seeds) of the same tasks;
+    ``epochs`` is the total over the runs, ``runs`` their number."""
+    if not summaries:
+        raise ValueError("no affinity summary to average")
+    tasks = summaries[0]["tasks"]
+    if any(s["tasks"] != tasks for s in summaries):
+        raise ValueError("the runs' affinity summaries are of different tasks")
+    return {"tasks": tasks,
+            **{kind: _to_json(_nanmean([_from_json(s[kind]) for s in summaries])) for kind in KINDS},
+            "epochs": sum(s["epochs"] for s in summaries), "runs": len(summaries)}
+
+
+def describe(summary: dict) -> list[str]:
+    """Plain-language findings: the pairs that conflict (negative mean cosine or affinity), the
+    pair that helps each other most, and whether to try splitting the tasks into two networks.
+
+    Groupings follow Fifty et al. 2021: a task's score in a group is the mean affinity onto it
+    from the group's other tasks (Z[i, j] over i), 0 for a task alone; a grouping scores the mean
+    over all tasks. The best split into two groups is set against all tasks in one network."""
+    names = summary["tasks"]
+    cos, z = _from_json(summary["cosine"]), _from_json(summary["lookahead"])
+    k = len(names)
+    if k < 2 or np.isnan(z).all():
+        return ["Task relatedness needs at least two tasks with measured affinities."]
+    lines = []
+    for i, j in itertools.combinations(range(k), 2):
+        why = []
+        if cos[i, j] < 0:
+            why.append(f"their gradients on the shared layers point apart (cosine {cos[i, j]:.2f})")
+        why += [f"a step for {names[a]} raises the loss of {names[b]} (affinity {z[a, b]:.3g}, "
+                f"against {z[b, b]:.3g} for a step for {names[b]} itself)"
+                for a, b in ((i, j), (j, i)) if z[a, b] < 0]
+        if why:
+            lines.append(f"{names[i]} and {names[j]} conflict: {'; '.join(why)}.")
+    if not lines:
+        lines.append("No pair of tasks conflicts: no mean gradient cosine or affinity is negative.")
+    mutual = np.where(np.eye(k, dtype=bool), np.nan, (z + z.T) / 2)
+    if np.isfinite(mutual).any() and np.nanmax(mutual) > 0:
+        i, j = np.unravel_index(np.nanargmax(mutual), mutual.shape)
+        lines.append(f"{names[i]} and {names[j]} help each other most (mean affinity "
+                     f"{mutual[i, j]:.3g}, gradient cosine {cos[i, j]:.2f}).")
+    if k > MAX_GROUPED_TASKS:
+        return lines
+    together = _grouping_score(z, [list(range(k))])
+    split = max(_two_groups(k), key=lambda groups: _grouping_score(z, groups))
+    score = _grouping_score(z, split)
+    shown = " and ".join("{" + ", ".join(names[i] for i in g) + "}" for g in split)
+    if score > together:
+        lines.append(f"Grouping to try: {shown} as two networks (score {score:.3g}, against "
+                     f"{together:.3g} for all tasks in one network).")
+    else:
+        lines.append(f"Keep all tasks in one network: it scores {together:.3g}, against "
+                     f"{score:.3g} for the best split into two groups, {shown}.")
+    return lines
+
+
+def _grouping_score(z: np.ndarray, groups: list[list[int]]) -> float:
+    scores = []
+    for group in groups:
+        for j in group:
+            onto = [z[i, j] for i in group if i != j and np.isfinite(z[i, j])]
+            scores.append(float(np.mean(onto)) if onto else 0.0)
+    return float(np.mean(scores))
+
+
+def _two_groups(k: int) -> Iterator[list[list[int]]]:
+    """Every split of tasks 0..k-1 into two non-empty groups, each once (task k-1 in the second)."""
+    for bits in range(1, 2 ** (k - 1)):
+        first = [i for i in range(k - 1) if bits >> i & 1]
+        yield [first, [i for i in range(k) if i not in first]]
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) within the block; every module's mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _shared(model: nn.Module) -> dict[str, nn.Parameter]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    shared = {names[id(p)]: p for p in model.shared_parameters() if p.requires_grad}
+    if not shared:
+        raise ValueError("the model shares no parameter between its tasks")
+    return shared
+
+
+def _task_gradients(model: nn.Module, tasks: Sequence[Task], data: TaskData
+                    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...] | None]]:
+    """(the task losses, per task its gradient on the shared parameters or None when no row is
+    labelled); ``torch.autograd.grad`` leaves every ``.grad`` alone."""
+    shared = list(_shared(model).values())
+    with torch.enable_grad():
+        losses = task_losses(model(data.inputs), tasks, data)
+        grads = [torch.autograd.grad(losses[k], shared, retain_graph=True, allow_unused=True,
+                                     materialize_grads=True)
+                 if data.masks[t.name].any() else None for k, t in enumerate(tasks)]
+    return losses.detach(), grads
+
+
+def _cosines(grads: list[tuple[torch.Tensor, ...] | None]) -> np.ndarray:
+    out = np.full((len(grads),) * 2, np.nan)
+    flat = {i: torch.cat([g.flatten() for g in gs]).double() for i, gs in enumerate(grads)
+            if gs is not None}
+    unit = {i: g / norm for i, g in flat.items() if (norm := torch.linalg.vector_norm(g)) > 0}
+    if unit:
+        stacked = torch.stack(list(unit.values()))
+        out[np.ix_(list(unit), list(unit))] = (stacked @ stacked.T).clamp(-1, 1).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def _lookahead(model: nn.Module, tasks: Sequence[Task], data: TaskData, losses: torch.Tensor,
+               grads: list[tuple[torch.Tensor, ...] | None], lr: float) -> np.ndarray:
+    """Z[i, j] from a step on a copy of the shared parameters (``functional_call``): the model's
+    own parameters are never written."""
+    shared = _shared(model)
+    before = losses.double().cpu().numpy()
+    measured = np.array([bool(data.masks[t.name].any()) for t in tasks]) & (before > 0)
+    out = np.full((len(tasks),) * 2, np.nan)
+    for i, gs in enumerate(grads):
+        if gs is None:
+            continue
+        stepped = {name: p - lr * g for (name, p), g in zip(shared.items(), gs)}
+        after = task_losses(functional_call(model, stepped, (data.inputs,)), tasks, data)
+        after = after.double().cpu().numpy()
+        out[i, measured] = 1 - after[measured] / before[measured]
+    return out
+
+
+def _nanmean(matrices: Sequence[np.ndarray], shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The element-wise mean over the finite entries (NaN where there is none)."""
+    if not matrices:
+        return np.full(shape, np.nan)
+    stacked = np.stack(matrices)
+    finite = np.isfinite(stacked)
+    count = finite.sum(0)
+    total = np.where(finite, stacked, 0.0).sum(0)
+    return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+def _to_json(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[float(v) if np.isfinite(v) else None for v in row] for row in matrix]
+
+
+def _from_json(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)

@@ -1,0 +1,194 @@
+"""``mtl export``: a trained variant's network -> a TorchScript or ONNX file that runs without
+this package, optionally with int8 weights, plus two JSON files next to it:
+
+- ``<PATH>.json``: the inputs (names, dtypes, shapes), the outputs (one raw tensor per task, in
+  task order) and how to read them (classes, regression mean and std), and the preprocessing
+  state that turns a table into the inputs;
+- ``<PATH>.metrics.json``: the test-split metrics of the float model and of the exported file
+  (as ``evaluate`` computes them), and their change.
+
+The network is wrapped to take positional tensors and return a tuple, since exporters handle
+dicts poorly. TorchScript comes from ``torch.jit.trace`` (``torch.jit.script`` rejects most
+architectures); ONNX from ``torch.onnx.export``'s torch.export-based exporter, run with
+onnxruntime. ``int8``: dynamic quantization of the Linear layers, int8 weights per output
+channel and activations quantized at run time; embeddings and convolutions stay float.
+TorchScript uses ``torch.ao.quantization.quantize_dynamic``, ONNX onnxruntime's
+``quantize_dynamic`` (MatMul and Gemm)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mtl import paths
+from mtl.config import Params
+from mtl.engine.checkpoint import Bundle, versions
+from mtl.engine.trainer import TaskData, predict
+from mtl.errors import UserError
+from mtl.io import atomic_path, read_table, write_json
+from mtl.stages.common import load_model, require_columns
+from mtl.stages.predict import CHUNK_ROWS
+
+FORMATS = ("torchscript", "onnx")
+EXAMPLE_ROWS = 8  # rows of the test split traced through the network
+DECODE = {"binary": "sigmoid(output[:, 0]) = probability of classes[1]",
+          "multiclass": "softmax(output, dim=1) = probability of each of classes",
+          "multilabel": "sigmoid(output) = probability of each of classes",
+          "regression": "output[:, 0] * std + mean, in the target's units"}
+
+Runner = Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]]
+
+
+class Exported(nn.Module):
+    """``model`` with positional tensor inputs (``inputs`` order) and a tuple of raw outputs,
+    one per task (``tasks`` order)."""
+
+    def __init__(self, model: nn.Module, inputs: list[str], tasks: list[str]):
+        super().__init__()
+        self.model, self.inputs, self.tasks = model, inputs, tasks
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(dict(zip(self.inputs, tensors)))
+        return tuple(outputs[name] for name in self.tasks)
+
+
+def run(params: Params, variant: str, seed: int | None, fmt: str, output: Path,
+        int8: bool = False) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    output = Path(output)
+    bundle = load_model(params, variant, seed)
+    test_path = paths.split_path("test")
+    table = read_table(test_path)
+    require_columns(table, test_path, params)
+    if table.num_rows < 2:
+        raise UserError(f"{test_path}: export needs at least 2 test rows to trace and measure")
+    data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
+    names = list(data.inputs)
+    model = Exported(bundle.model.eval(), names, [t.name for t in bundle.tasks])
+    example = tuple(v[:EXAMPLE_ROWS] for v in data.inputs.values())
+    with atomic_path(output) as tmp, _quiet():
+        if fmt == "onnx":
+            runner = _onnx(model, example, names, tmp, int8)
+        else:
+            runner = _torchscript(model, example, tmp, int8)
+        exported = _in_chunks(runner, tuple(data.inputs.values()))
+        reference = predict(bundle.model, data.inputs)
+        report = _compare(bundle, data, reference, dict(zip(model.tasks, exported)))
+        write_json(_describe(bundle, data, fmt, int8, output.name), f"{output}.json")
+        write_json(report, f"{output}.metrics.json")
+    print(_table(report))
+    print(f"export@{variant}: {fmt}{' int8' if int8 else ''} -> {output}, {output}.json, "
+          f"{output}.metrics.json")
+
+
+def _torchscript(model: Exported, example: tuple, path: Path, int8: bool) -> Runner:
+    if int8:
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig})
+    torch.jit.trace(model, example).save(str(path))
+    loaded = torch.jit.load(str(path))
+    return lambda tensors: list(loaded(*tensors))
+
+
+def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: bool) -> Runner:
+    try:
+        import onnxruntime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise UserError("--format onnx needs the optional extra 'export' "
+                        "(pip install -c constraints.txt -e '.[export]')") from None
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} | ({1: torch.export.Dim("tokens")} if name == "text" else {})
+                   for name in names)
+    with tempfile.TemporaryDirectory() as scratch:
+        fp32 = Path(scratch) / "fp32.onnx" if int8 else path
+        torch.onnx.export(model, example, str(fp32), input_names=[f"input_{n}" for n in names],
+                          output_names=[f"output_{t}" for t in model.tasks],
+                          dynamic_shapes={"tensors": shapes}, external_data=False, verbose=False)
+        if int8:
+            quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gemm"])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda tensors: [torch.from_numpy(out) for out in session.run(
+        None, {f"input_{n}": t.numpy() for n, t in zip(names, tensors)})]
+
+
+def _in_chunks(runner: Runner, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    n = len(tensors[0])
+    chunks = [runner(tuple(t[i:i + CHUNK_ROWS] for t in tensors)) for i in range(0, n, CHUNK_ROWS)]
+    return [torch.cat(parts) for parts in zip(*chunks)]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hide the exporters' chatter: torch.jit's and torch.ao.quantization's deprecation notices,
+    torch.onnx's note on missing torchvision ops, onnxruntime's pre-processing advice."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _compare(bundle: Bundle, data: TaskData, reference: dict[str, torch.Tensor],
+             exported: dict[str, torch.Tensor]) -> dict:
+    report: dict = {"float": {}, "exported": {}, "change": {}, "max_abs_output_diff": {}}
+    for task in bundle.tasks:
+        y, mask = data.targets[task.name], data.masks[task.name]
+        before, after = (task.metrics(out[task.name], y, mask) for out in (reference, exported))
+        report["float"][task.name] = _rounded(before)
+        report["exported"][task.name] = _rounded(after)
+        report["change"][task.name] = _rounded({k: after[k] - before[k] for k in before})
+        diff = (exported[task.name].float() - reference[task.name]).abs().max()
+        report["max_abs_output_diff"][task.name] = float(diff)
+    return report
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: (round(v, 6) if math.isfinite(v) else None) for k, v in values.items()}
+
+
+def _describe(bundle: Bundle, data: TaskData, fmt: str, int8: bool, file: str) -> dict:
+    """What a user of the exported file needs: input and output layout, decoding, preprocessing."""
+    def dims(name: str, shape: torch.Size) -> list:
+        return ["batch", *(["tokens"] if name == "text" else shape[1:])]
+
+    inputs = [{"name": f"input_{k}", "key": k, "dtype": str(v.dtype).removeprefix("torch."),
+               "shape": dims(k, v.shape)} for k, v in data.inputs.items()]
+    outputs = [{"name": f"output_{t.name}", "task": t.name, "kind": t.kind,
+                "shape": ["batch", t.out_dim], "decode": DECODE[t.kind]}
+               | ({"mean": t.mean, "std": t.std} if t.kind == "regression" else {"classes": list(t.classes)})
+               for t in bundle.tasks]
+    return {"file": file, "format": fmt, "int8": int8, "arch": bundle.arch,
+            "variant": bundle.info.get("variant"), "seed": bundle.info.get("seed"),
+            "inputs": inputs, "outputs": outputs,
+            "preprocessing": bundle.preprocessor.state(), "versions": versions()}
+
+
+def _table(report: dict) -> str:
+    lines = [f"{'task':<16} {'metric':<10} {'float':>10} {'exported':>10} {'change':>10}"]
+    for task, values in report["float"].items():
+        for key, before in values.items():
+            after, change = report["exported"][task][key], report["change"][task][key]
+            lines.append(f"{task:<16} {key:<10} {_num(before):>10} {_num(after):>10} {_num(change):>10}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

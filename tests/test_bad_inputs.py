@@ -1,0 +1,648 @@
+"""Bad input, end to end through the CLI: every mistake in params.yaml or in the data, and
+every missing or damaged earlier output, makes the stage exit with code 2 and print one line
+``error: ...`` naming the key, column or file, with no traceback, and leaves every file of the
+project as it was.
+
+A module fixture builds a small project and runs ``mtl ingest``, ``augment`` and ``split`` once
+(real processes); each case copies it, plants its bad input, runs one command and compares a
+hash of every file. The cases in ``IN_A_PROCESS`` run ``python -m mtl`` as a subprocess; the
+others invoke the same typer app in this process (``CliRunner``), which saves the ~1 s start-up
+of each. Inputs with a documented handling instead of an error (missing feature values, a class
+that only test rows have, a very wide table, ...) have their own tests below the table."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mtl import paths
+from mtl.cli import app
+from mtl.config import SplitConfig, load_params
+from mtl.io import write_outputs
+from mtl.stages import augment, ingest, split
+from tests.helpers import env
+
+PARAMS = {
+    "data": {"source": "data/raw/table.csv", "id_column": "id",
+             "tasks": {"label": {"kind": "multiclass", "target": "y"},
+                       "flag": {"kind": "binary", "target": "f"},
+                       "score": {"kind": "regression", "target": "r"}}},
+    "augment": {"copies": 1, "interpolate": 0.5},
+    "split": {"val": 0.2, "test": 0.2},
+    "train": {"epochs": 2, "batch_size": 16, "hidden": [8], "head_hidden": [4], "patience": 0},
+    "seeds": [0],
+    "variants": {"stl": {"arch": "stl"}, "hps": {"arch": "hps"},
+                 "hps-static": {"arch": "hps", "weighting": "static",
+                                "weights": {"label": 1.0, "flag": 1.0, "score": 0.5}}},
+}
+
+
+def rows(n: int = 60) -> list[dict]:
+    """The good raw data: numeric a and b, categorical cat, targets y (3 classes), f (2), r."""
+    return [{"id": f"r{i}", "a": f"{i * 37 % 100 / 10}", "b": str(i * 11 % 7 - 3), "cat": "pqs"[i % 3],
+             "y": "xyz"[i * 7 % 3], "f": "yes" if i % 4 == 0 else "no", "r": f"{i % 9 * 1.5 + 2}"}
+            for i in range(n)]
+
+
+def to_csv(records: list[dict]) -> str:
+    header = list(records[0])
+    return "\n".join([",".join(header), *(",".join(str(r[k]) for k in header) for r in records)]) + "\n"
+
+
+def mtl(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mtl", *args], cwd=cwd, env=env(), check=False,
+                          capture_output=True, text=True, timeout=300)
+
+
+def make_project(root: Path, records: list[dict] | None = None, **sections: dict) -> Path:
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "table.csv").write_text(to_csv(records or rows()), encoding="utf-8")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS | sections, sort_keys=False), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project whose ingest, augment and split outputs exist."""
+    root = make_project(tmp_path_factory.mktemp("prepared"))
+    run_stages(root, "ingest", "augment", "split")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root``, with a SHA-256 of each file's bytes; but not the
+    stage locks (``.mtl/locks/``), which every run takes, failed or not."""
+    locks = root / paths.WORK_DIR / "locks"
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if p not in (locks, locks.parent) and locks not in p.parents}
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"stderr is not one line: {result.stderr!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+
+
+# -- how a case plants its bad input ------------------------------------------------------------
+
+DELETE = object()
+Setup = Callable[[Path], None]
+
+
+def edit(changes: dict[str, object]) -> Setup:
+    """Change params.yaml: each dotted key set to a value, or removed (DELETE)."""
+    def setup(root: Path) -> None:
+        raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        for key, value in changes.items():
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            if value is DELETE:
+                del node[leaf]
+            else:
+                node[leaf] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return setup
+
+
+def params_text(make: Callable[[str], str | bytes]) -> Setup:
+    """Replace params.yaml by ``make(its current text)``."""
+    def setup(root: Path) -> None:
+        text = make((root / "params.yaml").read_text(encoding="utf-8"))
+        (root / "params.yaml").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return setup
+
+
+def source(name: str, content: str | bytes | Callable[[Path], None], **changes: object) -> Setup:
+    """Write ``data/raw/<name>`` (text, bytes, or a function writing the file) and point
+    data.source at it, with other params changes."""
+    def setup(root: Path) -> None:
+        path = root / "data" / "raw" / name
+        if callable(content):
+            content(path)
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        edit({"data.source": f"data/raw/{name}", **changes})(root)
+    return setup
+
+
+def changed(**values: str) -> str:
+    """The good CSV with some cells replaced: ``a_5="abc"`` sets column a of row 5."""
+    records = rows()
+    for key, value in values.items():
+        column, row = key.rsplit("_", 1)
+        records[int(row)][column] = value
+    return to_csv(records)
+
+
+def with_column(name: str, values: Callable[[int], str]) -> str:
+    return to_csv([r | {name: values(i)} for i, r in enumerate(rows())])
+
+
+def parquet(columns: dict[str, list]) -> Callable[[Path], None]:
+    return lambda path: pq.write_table(pa.table(columns), path)
+
+
+def good_parquet_bytes() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({k: [r[k] for r in rows()] for k in rows()[0]}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def remove(*relative: str) -> Setup:
+    def setup(root: Path) -> None:
+        for r in relative:
+            (root / r).unlink()
+    return setup
+
+
+def write(relative: str, content: str | bytes) -> Setup:
+    def setup(root: Path) -> None:
+        (root / relative).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def rewrite_table(relative: str, change: Callable[[pa.Table], pa.Table]) -> Setup:
+    def setup(root: Path) -> None:
+        pq.write_table(change(pq.read_table(root / relative)), root / relative)
+    return setup
+
+
+def rewrite_json(relative: str, change: Callable[[dict], object]) -> Setup:
+    def setup(root: Path) -> None:
+        path = root / relative
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return setup
+
+
+def in_process(*stages: str, records: Callable[[], list[dict]]) -> Setup:
+    """New raw data, then the given stages run in this process: earlier outputs a stage of the
+    case then refuses."""
+    def setup(root: Path) -> None:
+        (root / "data" / "raw" / "table.csv").write_text(to_csv(records()), encoding="utf-8")
+        with contextlib.chdir(root):
+            params = load_params("params.yaml")
+            for stage in stages:
+                {"ingest": ingest, "augment": augment}[stage].run(params)
+    return setup
+
+
+def score_only_on_test_rows() -> list[dict]:
+    records = rows()
+    which = split.assign(pa.chunked_array([[r["id"] for r in records]]), SplitConfig(**PARAMS["split"]))
+    return [r | {"r": r["r"] if w == "test" else ""} for r, w in zip(records, which)]
+
+
+def dup_key(section: str, line: str) -> Callable[[str], str]:
+    """params.yaml with ``line`` added at the start of ``section`` (a key given twice)."""
+    return lambda text: text.replace(f"{section}:\n", f"{section}:\n{line}\n", 1)
+
+
+# -- the table of bad inputs: (setup, arguments, what the error line names) ----------------------
+
+CASES = [
+    # params.yaml: structure
+    pytest.param(edit({"bogus": 1}), ["ingest"], ["bogus", "unknown key"], id="unknown-top-level-key"),
+    pytest.param(edit({"data.taks": {}}), ["ingest"], ["data.taks", "unknown key"], id="unknown-data-key"),
+    pytest.param(edit({"train.bogus": 1}), ["augment"], ["train.bogus"], id="unknown-train-key"),
+    pytest.param(edit({"train": 5}), ["ingest"], ["train"], id="section-not-a-mapping"),
+    pytest.param(params_text(lambda t: "train:\n  epochs: [1, 2\n"), ["ingest"], ["params.yaml", "YAML"],
+                 id="invalid-yaml"),
+    pytest.param(params_text(lambda t: t.encode() + b"# caf\xe9\n"), ["ingest"], ["params.yaml"],
+                 id="params-not-utf8"),
+    pytest.param(params_text(lambda t: "- data\n- train\n"), ["ingest"], ["params.yaml", "mapping"],
+                 id="params-top-level-list"),
+    pytest.param(params_text(lambda t: ""), ["ingest"], ["data", "missing"], id="params-empty"),
+    pytest.param(None, ["ingest", "--params", "nowhere.yaml"], ["nowhere.yaml", "not found"],
+                 id="params-missing"),
+    pytest.param(lambda root: (root / "conf").mkdir(), ["ingest", "--params", "conf"], ["conf"],
+                 id="params-is-a-folder"),
+    pytest.param(params_text(dup_key("  tasks", "    label: {kind: binary, target: f}")), ["ingest"],
+                 ["params.yaml", "'label' appears twice"], id="duplicate-task-name"),
+    pytest.param(params_text(dup_key("variants", "  hps: {arch: mmoe}")), ["split"],
+                 ["params.yaml", "'hps' appears twice"], id="duplicate-variant-name"),
+    # params.yaml: values
+    pytest.param(edit({"train.epochs": "ten"}), ["ingest"], ["train.epochs"], id="wrong-type-int"),
+    pytest.param(edit({"train.hidden": "wide"}), ["ingest"], ["train.hidden"], id="wrong-type-list"),
+    pytest.param(edit({"seeds": "zero"}), ["ingest"], ["seeds"], id="wrong-type-seeds"),
+    pytest.param(edit({"train.lr": 0}), ["ingest"], ["train.lr"], id="lr-zero"),
+    pytest.param(edit({"train.dropout": 1.5}), ["ingest"], ["train.dropout"], id="dropout-above-1"),
+    pytest.param(edit({"augment.copies": -1}), ["augment"], ["augment.copies"], id="negative-copies"),
+    pytest.param(edit({"augment.interpolate": 2}), ["augment"], ["augment.interpolate"],
+                 id="interpolate-above-1"),
+    pytest.param(edit({"split.val": 0.8}), ["split"], ["split", "val + test"], id="val-plus-test-ge-1"),
+    pytest.param(edit({"seeds": [0, 0]}), ["ingest"], ["seeds"], id="duplicate-seeds"),
+    pytest.param(edit({"seeds": []}), ["ingest"], ["seeds"], id="no-seeds"),
+    pytest.param(edit({"train.momentum": 0.9}), ["ingest"], ["train", "momentum"], id="momentum-without-sgd"),
+    pytest.param(edit({"train.schedule": "cosine", "train.warmup_epochs": 5}), ["ingest"],
+                 ["train", "warmup_epochs"], id="warmup-not-below-epochs"),
+    pytest.param(edit({"encoders.text": "bert"}), ["ingest"], ["encoders.text"], id="unknown-text-encoder"),
+    pytest.param(edit({"encoders.hashing.word_ngrams": [3, 1]}), ["ingest"],
+                 ["encoders.hashing.word_ngrams"], id="ngram-range-reversed"),
+    # params.yaml: tasks
+    pytest.param(edit({"data.tasks.label.kind": "ordinal"}), ["ingest"], ["data.tasks.label.kind"],
+                 id="unknown-task-kind"),
+    pytest.param(edit({"data.tasks.label.target": DELETE}), ["ingest"], ["data.tasks.label.target"],
+                 id="task-without-target"),
+    pytest.param(edit({"data.tasks": {}}), ["ingest"], ["data.tasks"], id="no-tasks"),
+    pytest.param(edit({"data.tasks.flag.target": "y"}), ["ingest"], ["data.tasks", "share one target"],
+                 id="two-tasks-one-target"),
+    pytest.param(edit({"data.tasks.a/b": {"kind": "binary", "target": "f2"}}), ["ingest"],
+                 ["data.tasks.a/b"], id="bad-task-name"),
+    pytest.param(edit({"data.tasks.label.target": "_id"}), ["ingest"], ["data.tasks.label.target", "reserved"],
+                 id="reserved-target"),
+    pytest.param(edit({"data.features": ["a", "y"]}), ["ingest"], ["data.features", "'y'"],
+                 id="target-as-feature"),
+    pytest.param(edit({"data.categorical": ["cat"], "data.text": ["cat"]}), ["ingest"],
+                 ["data.text", "'cat'"], id="column-categorical-and-text"),
+    pytest.param(edit({"data.image_shape": [28]}), ["ingest"], ["data.image_shape"], id="image-shape-one-number"),
+    pytest.param(edit({"augment.interpolate_task": "score"}), ["augment"], ["augment.interpolate_task"],
+                 id="interpolate-task-regression"),
+    # params.yaml: variants, methods and weights
+    pytest.param(edit({"variants": {}}), ["ingest"], ["variants"], id="no-variants"),
+    pytest.param(edit({"variants.my variant": {"arch": "hps"}}), ["ingest"], ["variants.my variant"],
+                 id="bad-variant-name"),
+    pytest.param(edit({"variants.hps.arch": "transformer"}), ["ingest"], ["variants.hps.arch", "transformer"],
+                 id="unknown-arch"),
+    pytest.param(edit({"variants.hps.weighting": "magic"}), ["ingest"], ["variants.hps.weighting", "magic"],
+                 id="unknown-weighting"),
+    pytest.param(edit({"variants.hps-static.weights": DELETE}), ["ingest"], ["variants.hps-static.weights"],
+                 id="static-without-weights"),
+    pytest.param(edit({"variants.hps-static.weights": {"label": 1.0, "flag": 1.0}}), ["ingest"],
+                 ["variants.hps-static.weights", "missing: ['score']"], id="weights-wrong-length"),
+    pytest.param(edit({"variants.hps-static.weights.zzz": 1.0}), ["ingest"],
+                 ["variants.hps-static.weights", "unknown: ['zzz']"], id="weights-unknown-task"),
+    pytest.param(edit({"variants.hps-static.weights.score": -1.0}), ["ingest"],
+                 ["variants.hps-static.weights", ">= 0"], id="negative-weight"),
+    pytest.param(edit({"variants.hps.weights": {"label": 1.0, "flag": 1.0, "score": 1.0}}), ["ingest"],
+                 ["variants.hps.weights"], id="weights-given-to-ew"),
+    pytest.param(edit({"variants.hps.weighting_options": {"c": 0.5}}), ["ingest"],
+                 ["variants.hps.weighting_options.c"], id="unknown-weighting-option"),
+    pytest.param(edit({"variants.x": {"arch": "hps", "weighting": "cagrad", "weighting_options": {"c": "big"}}}),
+                 ["ingest"], ["variants.x.weighting_options.c"], id="weighting-option-wrong-type"),
+    pytest.param(edit({"variants.x": {"arch": "cgc", "arch_options": {"experts": 3}}}), ["ingest"],
+                 ["variants.x.arch_options.experts"], id="unknown-arch-option"),
+    pytest.param(edit({"variants.x": {"arch": "mmoe", "arch_options": {"experts": 2.5}}}), ["ingest"],
+                 ["variants.x.arch_options.experts"], id="arch-option-wrong-type"),
+    pytest.param(edit({"variants.hps.train": {"lr": -1}}), ["ingest"], ["variants.hps.train.lr"],
+                 id="variant-train-out-of-range"),
+    pytest.param(edit({"variants.hps.train": {"bogus": 1}}), ["ingest"], ["variants.hps.train.bogus"],
+                 id="variant-train-unknown-key"),
+    pytest.param(edit({"compare.baseline": "nope"}), ["ingest"], ["compare.baseline", "nope"],
+                 id="unknown-baseline"),
+    pytest.param(edit({"sweep.weightings": ["ew", "magic"]}), ["ingest"], ["sweep", "magic"],
+                 id="sweep-unknown-weighting"),
+    # --set overrides
+    pytest.param(None, ["ingest", "--set", "train.epochs"], ["--set", "train.epochs"], id="set-without-equals"),
+    pytest.param(None, ["ingest", "--set", "train.epochs.x=1"], ["--set", "train.epochs.x"],
+                 id="set-into-a-value"),
+    pytest.param(None, ["ingest", "--set", "train.epochs=["], ["--set", "train.epochs"], id="set-bad-yaml"),
+    # data: files
+    pytest.param(edit({"data.source": "data/raw/nope.csv"}), ["ingest"], ["data.source", "nope.csv", "not found"],
+                 id="source-file-missing"),
+    pytest.param(edit({"data.source": "data/raw/*.parquet"}), ["ingest"], ["data.source", "*.parquet"],
+                 id="source-glob-matches-nothing"),
+    pytest.param(edit({"data.source": "data/raw"}), ["ingest"], ["data/raw", "folder"], id="source-is-a-folder"),
+    pytest.param(edit({"data.source": "penguins:lots"}), ["ingest"], ["data.source", "penguins:lots"],
+                 id="builtin-bad-row-limit"),
+    pytest.param(source("table.xlsx", b"PK\x03\x04 not a csv"), ["ingest"], ["table.xlsx", "not a CSV or Parquet"],
+                 id="unsupported-file-type"),
+    pytest.param(source("empty.csv", ""), ["ingest"], ["empty.csv", "Empty CSV"], id="csv-empty-file"),
+    pytest.param(source("header.csv", "id,a,b,cat,y,f,r\n"), ["ingest"], ["data.source", "no rows"],
+                 id="csv-header-only"),
+    pytest.param(source("one.csv", to_csv(rows(1))), ["ingest"], ["data.source", "single row"], id="csv-single-row"),
+    pytest.param(source("ragged.csv", to_csv(rows()) + "r99,1.0\n"), ["ingest"], ["ragged.csv", "Expected 7 columns"],
+                 id="csv-ragged-row"),
+    pytest.param(source("latin1.csv", changed(cat_5="caf\xe9").encode("latin-1")), ["ingest"],
+                 ["latin1.csv", "not UTF-8", "0xe9", "line 7"], id="csv-not-utf8"),
+    pytest.param(source("header1.csv", to_csv(rows()).replace("cat", "cat\xe9", 1).encode("latin-1")), ["ingest"],
+                 ["header1.csv", "not UTF-8", "line 1"], id="csv-header-not-utf8"),
+    pytest.param(source("gz.csv.gz", gzip.compress(changed(cat_5="caf\xe9").encode("latin-1"))), ["ingest"],
+                 ["gz.csv.gz", "not UTF-8", "line 7"], id="csv-gz-not-utf8"),
+    pytest.param(source("dup.csv", to_csv(rows()).replace("id,a,b", "id,a,a", 1)), ["ingest"],
+                 ["dup.csv", "'a' appears more than once"], id="csv-duplicate-column"),
+    pytest.param(source("bad.parquet", b"PAR1 not really"), ["ingest"], ["bad.parquet", "cannot be read"],
+                 id="parquet-corrupt"),
+    pytest.param(source("cut.parquet", good_parquet_bytes()[:300]), ["ingest"], ["cut.parquet", "cannot be read"],
+                 id="parquet-truncated"),
+    pytest.param(lambda root: [(root / "data" / "raw" / "more.csv").write_text(changed(a_0="lots")),
+                               edit({"data.source": "data/raw/*.csv"})(root)], ["ingest"],
+                 ["data.source", "incompatible", "Field a"], id="files-with-incompatible-columns"),
+    # data: columns
+    pytest.param(edit({"data.tasks.label.target": "species"}), ["ingest"],
+                 ["data.tasks.label.target", "'species'", "not in the data"], id="missing-target-column"),
+    pytest.param(edit({"data.features": ["a", "height"]}), ["ingest"], ["data.features", "'height'"],
+                 id="missing-feature-column"),
+    pytest.param(edit({"data.id_column": "key"}), ["ingest"], ["data.id_column", "'key'"], id="missing-id-column"),
+    pytest.param(edit({"data.categorical": ["zip"]}), ["ingest"], ["data.categorical", "'zip'"],
+                 id="missing-categorical-column"),
+    pytest.param(edit({"data.text": ["review"]}), ["ingest"], ["data.text", "'review'"], id="missing-text-column"),
+    pytest.param(edit({"data.drop": ["notes"]}), ["ingest"], ["data.drop", "'notes'"], id="missing-drop-column"),
+    pytest.param(source("ids.csv", changed(id_3="")), ["ingest"], ["data.id_column", "'id'", "1 missing"],
+                 id="id-column-with-missing-values"),
+    pytest.param(source("reg.csv", changed(r_4="lots")), ["ingest"], ["data.tasks.score.target", "'r'", "'lots'"],
+                 id="text-in-regression-target"),
+    pytest.param(edit({"data.tasks.score.target": "cat"}), ["ingest"],
+                 ["data.tasks.score.target", "'cat'", "expected numeric"], id="regression-on-text-column"),
+    pytest.param(source("num.csv", changed(a_5="abc")), ["ingest"], ["data.features", "'a'", "'abc'"],
+                 id="text-in-numeric-feature"),
+    pytest.param(source("date.csv", with_column("when", lambda i: f"2024-01-{i % 28 + 1:02d}")), ["ingest"],
+                 ["data.features", "'when'", "date32"], id="date-feature"),
+    pytest.param(source("blank.csv", with_column("notes", lambda i: "")), ["ingest"],
+                 ["data.features", "'notes'", "no value"], id="feature-without-values"),
+    pytest.param(source("nan.parquet", parquet({"id": [f"r{i}" for i in range(20)], "a": [float("nan")] * 20,
+                                                 "y": list("xyz" * 7)[:20], "f": ["no", "yes"] * 10,
+                                                 "r": [1.0] * 20})), ["ingest"],
+                 ["data.features", "'a'", "no value"], id="feature-all-nan"),
+    pytest.param(edit({"data.text": ["a"]}), ["ingest"], ["data.text", "'a'", "expected strings"],
+                 id="text-column-of-numbers"),
+    pytest.param(edit({"data.image": ["cat"]}), ["ingest"], ["data.image", "'cat'", "binary"],
+                 id="image-column-of-strings"),
+    pytest.param(source("inf.csv", changed(a_2="inf", a_3="-inf")), ["ingest"],
+                 ["data.features", "'a'", "2 infinite"], id="inf-in-feature"),
+    pytest.param(source("infr.csv", changed(r_2="inf")), ["ingest"], ["data.tasks.score.target", "'r'", "infinite"],
+                 id="inf-in-regression-target"),
+    # data: labels
+    pytest.param(source("nolabel.csv", with_column("y", lambda i: "")), ["ingest"],
+                 ["data.tasks.label.target", "no label"], id="every-label-missing"),
+    pytest.param(edit({"data.tasks.flag.target": "cat"}), ["ingest"], ["data.tasks.flag.target", "exactly 2"],
+                 id="binary-with-3-classes"),
+    pytest.param(source("one_class.csv", with_column("y", lambda i: "x")), ["ingest"],
+                 ["data.tasks.label.target", "fewer than 2"], id="multiclass-with-1-class"),
+    # earlier outputs missing or damaged
+    pytest.param(remove("data/ingested/table.parquet"), ["augment"], ["data/ingested/table.parquet", "not found"],
+                 id="augment-before-ingest"),
+    pytest.param(write("data/ingested/table.parquet", b"garbage"), ["augment"],
+                 ["data/ingested/table.parquet", "cannot be read"], id="ingested-table-corrupt"),
+    pytest.param(write("data/ingested/schema.json", "{not json"), ["augment"],
+                 ["data/ingested/schema.json", "not valid JSON"], id="schema-not-json"),
+    pytest.param(write("data/ingested/schema.json", "[1, 2]"), ["augment"],
+                 ["data/ingested/schema.json", "re-run ingest"], id="schema-not-a-schema"),
+    pytest.param(rewrite_json("data/ingested/schema.json", lambda s: s | {"n_rows": 7}), ["augment"],
+                 ["data/ingested/schema.json", "does not describe"], id="schema-of-another-table"),
+    pytest.param(edit({"data.tasks.extra": {"kind": "regression", "target": "zz"},
+                       "variants.hps-static.weights.extra": 1.0}), ["augment"],
+                 ["data.tasks.extra.target", "'zz'", "re-run ingest"], id="task-added-after-ingest"),
+    pytest.param(remove("data/augmented/table.parquet"), ["split"], ["data/augmented/table.parquet", "not found"],
+                 id="split-before-augment"),
+    pytest.param(rewrite_table("data/augmented/table.parquet", lambda t: t.drop_columns([paths.SOURCE_ID])),
+                 ["split"], ["data/augmented/table.parquet", paths.SOURCE_ID], id="augmented-without-source-id"),
+    pytest.param(None, ["split", "--set", "split.test=0.999", "--set", "split.val=0"], ["split", "no row falls in train"],
+                 id="split-with-empty-train"),
+    pytest.param(in_process("ingest", "augment", records=score_only_on_test_rows), ["split"],
+                 ["data.tasks.score", "no training row has a label"], id="task-without-training-labels"),
+]
+
+
+IN_A_PROCESS = {"params-missing", "invalid-yaml", "duplicate-task-name", "unknown-arch", "set-without-equals",
+                "csv-not-utf8", "parquet-corrupt", "text-in-numeric-feature", "every-label-missing",
+                "schema-of-another-table", "split-with-empty-train"}
+
+
+def invoke(root: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """The CLI app run in this process, in ``root``; an exception it lets out becomes a traceback
+    on stderr, as in a real process."""
+    with contextlib.chdir(root):
+        result = CliRunner().invoke(app, args)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
+@pytest.mark.parametrize(("setup", "args", "names"), CASES)
+def test_bad_input(request: pytest.FixtureRequest, prepared: Path, tmp_path: Path, setup: Setup | None,
+                   args: list[str], names: list[str]) -> None:
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root)
+    if setup is not None:
+        setup(root)
+    before = snapshot(root)
+    result = mtl(root, *args) if request.node.callspec.id in IN_A_PROCESS else invoke(root, args)
+    assert_user_error(result, *names)
+    assert result.stdout == ""
+    assert snapshot(root) == before, "a failed stage changed the project's files"
+
+
+# -- after training: train, evaluate and compare refuse, and models/ and metrics/ stay -----------
+
+def class_only_in_test() -> list[dict]:
+    """The good data with class 'w' of y given to two rows that split puts in test."""
+    records = rows()
+    which = split.assign(pa.chunked_array([[r["id"] for r in records]]), SplitConfig(**PARAMS["split"]))
+    for i in [i for i, w in enumerate(which) if w == "test"][:2]:
+        records[i]["y"] = "w"
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """A project whose every stage has run (one variant, its own baseline, one seed), on data
+    where class 'w' of task label appears in test rows only; with the output of each command."""
+    root = make_project(tmp_path_factory.mktemp("trained"), class_only_in_test(),
+                        variants={"hps": {"arch": "hps"}}, compare={"baseline": "hps"})
+    logs = {}
+    for args in (["ingest"], ["augment"], ["split"], ["train", "--variant", "hps"], ["evaluate", "--variant", "hps"],
+                 ["compare"]):
+        logs[" ".join(args)] = result = invoke(root, args)
+        assert result.returncode == 0, f"mtl {' '.join(args)}: {result.stderr}"
+    return root, logs
+
+
+def torch_file(relative: str, obj: object) -> Setup:
+    def setup(root: Path) -> None:
+        import torch
+
+        torch.save(obj, root / relative)
+    return setup
+
+
+MODEL, METRICS = "models/hps/seed-0/model.pt", "metrics/variants/hps/seed-0.json"
+
+
+TRAINED_CASES = [
+    pytest.param(None, ["train", "--variant", "nope"], ["--variant", "'nope'"], id="train-unknown-variant"),
+    pytest.param(None, ["train", "--variant", "hps", "--seed", "7"], ["--seed", "7"], id="train-seed-not-in-seeds"),
+    pytest.param(remove("data/split/train.parquet"), ["train", "--variant", "hps"],
+                 ["data/split/train.parquet", "not found"], id="train-before-split"),
+    pytest.param(rewrite_table("data/split/val.parquet", lambda t: t.drop_columns(["a"])),
+                 ["train", "--variant", "hps"], ["data/split/val.parquet", "'a'"], id="train-split-without-a-feature"),
+    pytest.param(edit({"variants.hps.weighting": "mgda", "variants.hps.weighting_options": {"level": "nope"}}),
+                 ["train", "--variant", "hps"], ["variants.hps", "level"], id="train-option-the-method-rejects"),
+    pytest.param(remove(MODEL), ["evaluate", "--variant", "hps"], [MODEL, "not found"], id="evaluate-before-train"),
+    pytest.param(None, ["evaluate", "--variant", "hps", "--seed", "3"], ["--seed", "3"], id="evaluate-seed-not-in-seeds"),
+    pytest.param(write(MODEL, b"garbage"), ["evaluate", "--variant", "hps"], [MODEL, "not a loadable model"],
+                 id="model-corrupt"),
+    pytest.param(torch_file(MODEL, {"weights": [1, 2]}), ["evaluate", "--variant", "hps"],
+                 [MODEL, "not a loadable model"], id="model-of-another-format"),
+    pytest.param(rewrite_table("data/split/test.parquet", lambda t: t.drop_columns(["a"])),
+                 ["evaluate", "--variant", "hps"], ["data/split/test.parquet", "'a'"],
+                 id="test-split-without-a-feature"),
+    pytest.param(remove(METRICS), ["compare"], [METRICS, "not found"], id="compare-before-evaluate"),
+    pytest.param(write(METRICS, "{not json"), ["compare"], [METRICS, "not valid JSON"], id="metrics-not-json"),
+    pytest.param(write(METRICS, '{"label": 3}'), ["compare"], [METRICS], id="metrics-of-another-shape"),
+]
+
+
+@pytest.mark.parametrize(("setup", "args", "names"), TRAINED_CASES)
+def test_bad_input_after_training(trained: tuple[Path, dict], tmp_path: Path, setup: Setup | None, args: list[str], names: list[str]) -> None:
+    root = tmp_path / "project"
+    shutil.copytree(trained[0], root)
+    if setup is not None:
+        setup(root)
+    before = snapshot(root)
+    assert any(name.startswith("models/") for name in before) and any(n.startswith("metrics/") for n in before)
+    result = invoke(root, args)
+    assert_user_error(result, *names)
+    assert result.stdout == ""
+    assert snapshot(root) == before, "a failed stage changed the project's files"
+
+
+def test_cases_are_distinct_and_many() -> None:
+    ids = [case.id for case in CASES + TRAINED_CASES]
+    assert len(ids) == len(set(ids)) >= 45
+    assert IN_A_PROCESS <= set(ids)
+
+
+# -- documented handling instead of an error --------------------------------------------------------
+
+def run_stages(root: Path, *stages: str) -> dict[str, subprocess.CompletedProcess]:
+    logs = {}
+    for stage in stages:
+        logs[stage] = result = invoke(root, [stage])
+        assert result.returncode == 0, f"mtl {stage}: {result.stderr}"
+    return logs
+
+
+def test_a_class_only_test_rows_have_is_kept_learned_never_and_evaluated(trained) -> None:
+    """The classes of a task come from ingest over the whole table, so a class seen only in test
+    is one of the model's outputs (never trained towards); split warns, and evaluate counts its
+    rows like any other."""
+    root, logs = trained
+    warning = "warning: data.tasks.label: test holds class 'w' that no training row has"
+    assert warning in logs["split"].stderr
+    schema = json.loads((root / paths.SCHEMA).read_text())
+    assert schema["tasks"]["label"]["classes"] == ["w", "x", "y", "z"]
+    parts = {s: pq.read_table(root / paths.split_path(s)) for s in paths.SPLITS}
+    assert "w" not in parts["train"]["y"].to_pylist() and parts["test"]["y"].to_pylist().count("w") == 2
+    from mtl.engine.checkpoint import Bundle
+
+    task = next(t for t in Bundle.load(root / MODEL).tasks if t.name == "label")
+    assert task.classes == ("w", "x", "y", "z")
+    metrics = json.loads((root / METRICS).read_text())["label"]
+    assert metrics["n_test"] == parts["test"].num_rows
+    assert 0 <= metrics["accuracy"] <= 1 - 2 / parts["test"].num_rows  # the two 'w' rows are wrong
+
+
+def test_missing_feature_values_are_imputed_from_train_with_an_indicator(tmp_path: Path) -> None:
+    from mtl.engine.encoders import Preprocessor
+
+    records = rows()
+    for i, blank in zip((3, 10, 17, 24), ("", "NA", "NaN", "?")):
+        records[i]["a"] = blank
+    root = make_project(tmp_path, records)
+    run_stages(root, "ingest", "augment", "split")
+    schema = json.loads((root / paths.SCHEMA).read_text())
+    assert schema["features"]["a"] | {"kind": "numeric", "n_missing": 4} == schema["features"]["a"]
+    train = pq.read_table(root / paths.split_path("train"))
+    pre = Preprocessor.fit(train, schema["features"]).tabular
+    assert pre.indicators == ("a",)  # only the column with missing values gets one
+    table = pq.read_table(root / paths.INGESTED)
+    x = pre.transform(table)["num"].numpy()
+    missing = table["a"].is_null().to_numpy(zero_copy_only=False)
+    col, indicator = pre.numeric.index("a"), len(pre.numeric)
+    assert missing.sum() == 4 and np.isfinite(x).all()
+    assert (x[missing, col] == 0).all() and (x[missing, indicator] == 1).all()  # the train mean, flagged
+    assert (x[~missing, indicator] == 0).all()
+    train_a = train["a"].drop_null().to_numpy()
+    assert pre.means[col] == pytest.approx(train_a.mean())
+    assert x[~missing, col] == pytest.approx((table["a"].drop_null().to_numpy() - train_a.mean()) / train_a.std(),
+                                             rel=1e-5)
+
+
+def test_nan_in_parquet_is_a_missing_value_and_a_missing_label(tmp_path: Path) -> None:
+    root = make_project(tmp_path)
+    flags = [float("nan") if i % 10 == 0 else float(i % 2) for i in range(60)]
+    a = [float("nan") if i % 7 == 0 else float(i) for i in range(60)]
+    pq.write_table(pa.table({k: [r[k] for r in rows()] for k in ("id", "y", "r")} | {"a": a, "f": flags}),
+                   root / "data/raw/table.parquet")
+    edit({"data.source": "data/raw/table.parquet"})(root)
+    run_stages(root, "ingest")
+    schema = json.loads((root / paths.SCHEMA).read_text())
+    assert schema["features"]["a"]["n_missing"] == 9  # so training adds its missing-indicator
+    flag = schema["tasks"]["flag"]
+    assert flag["classes"] == ["0", "1"] and flag["n_missing"] == 6 and flag["n_labelled"] == 54
+
+
+def test_a_very_wide_table_ingests_augments_and_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    columns = {f"x{j}": rng.normal(size=50) for j in range(3000)}
+    root = make_project(tmp_path, data={**PARAMS["data"], "id_column": None, "source": "data/raw/wide.parquet",
+                                        "tasks": {"label": {"kind": "binary", "target": "y"}}},
+                        variants={"stl": {"arch": "stl"}})
+    pq.write_table(pa.table(columns | {"y": ["a", "b"] * 25}), root / "data/raw/wide.parquet")
+    run_stages(root, "ingest", "augment", "split")
+    schema = json.loads((root / paths.SCHEMA).read_text())
+    assert len(schema["features"]) == 3000
+    parts = [pq.read_table(root / paths.split_path(s)) for s in paths.SPLITS]
+    assert all(p.num_columns == 3000 + 4 for p in parts)  # features, y, _id, _source_id, _augmented
+    n_augmented = sum(int(np.sum(p[paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False))) for p in parts)
+    assert sum(p.num_rows for p in parts) == 50 + n_augmented and n_augmented > 0
+
+
+# -- atomic outputs ---------------------------------------------------------------------------------
+
+def test_a_write_killed_midway_leaves_the_previous_output(tmp_path: Path) -> None:
+    target = tmp_path / "table.parquet"
+    target.write_bytes(b"previous")
+    script = ("import os, signal, sys\nfrom mtl.io import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n"
+              "    tmp.write_bytes(b'half a table')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(target)], env=env(), check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"previous"
+
+
+def test_outputs_that_belong_together_are_replaced_together_or_not_at_all(tmp_path: Path) -> None:
+    table, schema = tmp_path / "table.parquet", tmp_path / "schema.json"
+    table.write_bytes(b"old table")
+    schema.write_bytes(b"old schema")
+    with pytest.raises(TypeError):  # the schema cannot be written: neither file changes
+        write_outputs({table: pa.table({"x": [1]}), schema: {"bad": object()}})
+    assert table.read_bytes() == b"old table" and schema.read_bytes() == b"old schema"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schema.json", "table.parquet"]  # no temporary left
+    write_outputs({table: pa.table({"x": [1]}), schema: {"ok": 1}})
+    assert pq.read_table(table)["x"].to_pylist() == [1] and json.loads(schema.read_text()) == {"ok": 1}
+
+
+def test_a_corrupt_file_of_a_built_in_data_set_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "shared"
+    (shared / "tweets").mkdir(parents=True)
+    (shared / "tweets" / "trump_tweets.csv.gz").write_bytes(b"not gzip")
+    monkeypatch.setenv("MTL_SHARED_DATA", str(shared))
+    root = make_project(tmp_path / "project", data={**PARAMS["data"], "source": "tweets"})
+    before = snapshot(root)
+    assert_user_error(invoke(root, ["ingest"]), "trump_tweets.csv.gz", "not a readable gzip file")
+    assert snapshot(root) == before

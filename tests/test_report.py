@@ -1,0 +1,132 @@
+"""The report stage: plots, report.md and index.html from hand-made results, the Pareto front on
+known points, and a real `dvc repro` that runs the stage."""
+
+import html
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from matplotlib.image import imread
+
+from mtl import paths
+from mtl.config import load_params
+from mtl.engine.affinity import describe, mean_over_runs
+from mtl.io import write_json
+from mtl.stages import compare, report
+from tests.helpers import REPO, run
+
+VARIANTS = ("stl", "hps-ew", "hps-uw")
+SEEDS = (0, 1)
+TASKS = ("species", "body_mass")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def affinity(shift: float) -> dict:
+    return {"tasks": list(TASKS), "cosine": [[1.0, -0.2 + shift], [-0.2 + shift, 1.0]],
+            "lookahead": [[0.05, None], [-0.01, 0.03 + shift]], "epochs": 3}
+
+
+def write_curve(variant: str, seed: int, metric: str, values: list[float]) -> None:
+    """A dvclive metric file, as dvclive writes it."""
+    path = paths.live_dir(variant, seed) / "plots" / "metrics" / f"{metric}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"{step}\t{value}\n" for step, value in enumerate(values))
+    path.write_text(f"step\t{metric.rsplit('/', 1)[1]}\n" + rows)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """Params, test metrics, dvclive curves and affinity summaries of 3 variants x 2 seeds, and
+    the comparison of them written by the compare stage."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["tasks"] = {"species": {"kind": "multiclass", "target": "species"},
+                               "body_mass": {"kind": "regression", "target": "body_mass_g"}}
+    params["seeds"] = list(SEEDS)
+    params["variants"] = {"stl": {"arch": "stl", "weighting": "ew"},
+                          "hps-ew": {"arch": "hps", "weighting": "ew"},
+                          "hps-uw": {"arch": "hps", "weighting": "uw"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    accuracy, mae = {"stl": 0.90, "hps-ew": 0.92, "hps-uw": 0.94}, {"stl": 300, "hps-ew": 310, "hps-uw": 280}
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            write_json({"species": {"accuracy": accuracy[variant] + 0.01 * seed, "f1_macro": 0.8},
+                        "body_mass": {"mae": mae[variant] + seed, "rmse": 400.0, "r2": 0.8}},
+                       paths.variant_metrics(variant, seed))
+            epochs = range(4 + seed)  # seeds that stopped at different epochs
+            for task in TASKS:
+                write_curve(variant, seed, f"val/loss/{task}", [1 / (e + 1) for e in epochs])
+                write_curve(variant, seed, f"weight/{task}",
+                            [1 / (e + 1) if variant == "hps-uw" else 1.0 for e in epochs])
+            if variant != "stl":
+                write_json(affinity(0.1 * seed), paths.model_dir(variant, seed) / "affinity.json")
+    compare.run(load_params(Path("params.yaml")))
+    return tmp_path
+
+
+def test_report_writes_png_plots_and_pages_that_link_them(project):
+    result = run(["mtl", "report"], project)
+    assert "reports/index.html" in result.stdout
+    names = {"val_loss.png", "weights.png", "pareto.png", "affinity-hps-ew.png", "affinity-hps-uw.png"}
+    assert {p.name for p in (project / paths.PLOTS_DIR).iterdir()} == names
+    for name in names:
+        path = project / paths.PLOTS_DIR / name
+        assert path.read_bytes().startswith(PNG) and imread(path).shape[0] > 100
+    assert sorted(p.name for p in (project / "reports").iterdir()) == [
+        "compare.md", "index.html", "plots", "report.md"]  # no temporary file left behind
+    page, markdown = (project / paths.REPORT_HTML).read_text(), (project / paths.FULL_REPORT).read_text()
+    for name in names:
+        assert f'<img src="plots/{name}"' in page and f"](plots/{name})" in markdown
+    assert "<table>" in page and "<td><code>hps-uw</code></td>" in page
+    assert "| `hps-uw` |" in markdown  # the comparison table, as compare wrote it
+    assert "better on one): `hps-uw`." in markdown  # best on both tasks: the only one not dominated
+    sentences = describe(mean_over_runs([affinity(0.0), affinity(0.1)]))
+    assert any("conflict" in s for s in sentences)
+    for sentence in sentences:
+        assert html.escape(sentence, quote=False) in page and f"- {sentence}" in markdown
+    assert "dvc repro report" in page
+
+
+def test_report_without_comparison_is_one_line_error(project):
+    (project / paths.COMPARE_JSON).unlink()
+    result = run(["mtl", "report"], project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "metrics/compare.json" in result.stderr
+    assert "compare" in result.stderr.split("metrics/compare.json")[1]
+    assert not (project / paths.REPORT_HTML).exists()
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_points():
+    points = {"a": (1.0, 1.0), "a-again": (1.0, 1.0), "b": (2.0, 0.0), "c": (0.5, 0.5),
+              "d": (2.0, -1.0), "e": (0.0, 3.0), "f": (0.0, 1.0)}
+    # c is dominated by a, d by b, f by a (and e); equal points do not dominate each other
+    assert report.pareto_front(points) == {"a", "a-again", "b", "e"}
+    assert report.pareto_front({"x": (1, 2, 3), "y": (1, 2, 4), "z": (0, 5, 0)}) == {"y", "z"}
+
+
+def test_relative_change_is_positive_when_better():
+    table = {"stl": {"tasks": {"t": {"mae": {"mean": 2.0, "std": 0.2}, "accuracy": {"mean": 0.8, "std": None}}}},
+             "mtl": {"tasks": {"t": {"mae": {"mean": 1.8, "std": 0.1}, "accuracy": {"mean": 0.72, "std": 0.08}}}}}
+    assert report.relative(table, "mtl", "t", "mae", "stl") == pytest.approx((10.0, 5.0))  # lower mae
+    assert report.relative(table, "mtl", "t", "accuracy", "stl") == pytest.approx((-10.0, 10.0))
+    assert report.relative(table, "stl", "t", "accuracy", "stl") == pytest.approx((0.0, 0.0))
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_report_stage(tmp_path):
+    from tests.test_pipeline_dvc import commit, copy_project, edit_params, repro
+
+    root = copy_project(tmp_path)
+    edit_params(root, lambda p: (p["train"].update(epochs=2, patience=0, hidden=[8], head_hidden=[4]),
+                                 p.update(seeds=[0])))
+    commit(root, "tiny")
+    assert "report" in repro(root)
+    assert "up to date" in run(["dvc", "status"], root).stdout
+    images = {p.name for p in (root / paths.PLOTS_DIR).iterdir()}
+    assert {"val_loss.png", "weights.png", "pareto.png", "affinity-hps-ew.png"} <= images
+    assert "affinity-stl.png" not in images  # single-task networks share nothing to measure
+    run(["dvc", "plots", "show", "-o", "plots_html"], root)
+    shown = (root / "plots_html/index.html").read_text()
+    assert "weight/species.tsv" in shown and "pareto.png" in shown
+    shutil.rmtree(root / "plots_html")
