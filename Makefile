@@ -36,6 +36,7 @@ setup-dev: $(VENV)/.installed-dev dvc-init
 run: setup  ## run the whole pipeline (only what changed) and print the comparison
 	dvc repro
 	@cat reports/compare.md
+	@echo "Full report with plots: reports/index.html (Markdown: reports/report.md)"
 
 test: setup-dev  ## run the test suite
 	$(BIN)/python -m pytest -q

@@ -107,7 +107,8 @@ def test_a_stage_that_fails_once_is_retried(server, project):
     flaky = "sh -c 'test -e .failed-once || { touch .failed-once; echo boom >&2; exit 3; }; mtl compare'"
     dvc_yaml.write_text(original.replace("    cmd: mtl compare", f'    cmd: "{flaky}"'))
     try:
-        assert pipeline(root=str(project), retries=1) == ["compare", "report"]
+        # compare reruns (its cmd changed) and writes the same results, so report stays up to date
+        assert pipeline(root=str(project), retries=1) == ["compare"]
         assert (project / ".failed-once").exists()
         assert "up to date" in run(["dvc", "status"], project).stdout
     finally:
@@ -123,7 +124,7 @@ def test_a_failure_names_the_stage_and_its_cause(server, project):
             pipeline(root=str(project), retries=0)
     finally:
         dvc_yaml.write_text(original)
-    assert pipeline(root=str(project)) == ["compare", "report"]
+    assert pipeline(root=str(project)) == ["compare"]
 
 
 def test_sweep_over_architectures_and_seeds_in_parallel(server, project):

@@ -132,8 +132,7 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
         p["data"].update(source="data/raw/*.csv", id_column="id",
                          tasks={"label": {"kind": "binary", "target": "label"},
                                 "score": {"kind": "regression", "target": "score"}}),
-        p["train"].update(FAST), p.update(seeds=[0]),
-        p["variants"]["hps-static"].update(weights={"label": 1.0, "score": 0.5})))
+        p["train"].update(FAST), p.update(seeds=[0]), p["variants"].pop("hps-static")))
     commit(root, "own data")
     assert "ingest" in repro(root)
     before = {s: set(pq.read_table(root / paths.split_path(s))["_id"].to_pylist()) for s in ("val", "test")}

@@ -161,7 +161,8 @@ def render(table: dict, baseline: str, exclude: list[str], seeds: list[int], alp
 def _cell(stat: dict, signed: bool = False, bold: bool = False, baseline: bool = False) -> str:
     text = _fmt(stat.get("mean"), signed)
     if stat.get("std") is not None:
-        text += f" ± {stat['std']:.2f}" if signed else f" ± {_fmt(stat['std'])}"
+        decimals = 2 if signed else 1 if abs(stat["mean"]) >= 100 else 4  # as the mean's
+        text += f" ± {stat['std']:.{decimals}f}"
     if bold:
         text = f"**{text}**"
     if stat.get("within_noise") and not baseline:
