@@ -128,9 +128,9 @@ def test_a_failure_names_the_stage_and_its_cause(server, project):
 
 
 def test_sweep_over_architectures_and_seeds_in_parallel(server, project):
-    result = sweep(root=str(project), archs=["hps", "mmoe"], weightings=["ew"], seeds=[0, 1],
+    result = sweep(root=str(project), archs=["mmoe"], weightings=["ew", "uw"], seeds=[0, 1],
                    runner="processes")
-    assert sorted(result) == ["sweep-hps-ew", "sweep-mmoe-ew"]
+    assert sorted(result) == ["sweep-mmoe-ew", "sweep-mmoe-uw"]
     for delta in result.values():
         assert len(delta["per_seed"]) == 2 and delta["per_seed"][0] != delta["per_seed"][1]
     assert yaml.safe_load((project / "params.yaml").read_text())["seeds"] == [0, 1]

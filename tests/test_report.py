@@ -2,7 +2,6 @@
 known points, and a real `dvc repro` that runs the stage."""
 
 import html
-import shutil
 from pathlib import Path
 
 import pytest
@@ -111,22 +110,3 @@ def test_relative_change_is_positive_when_better():
     assert report.relative(table, "mtl", "t", "mae", "stl") == pytest.approx((10.0, 5.0))  # lower mae
     assert report.relative(table, "mtl", "t", "accuracy", "stl") == pytest.approx((-10.0, 10.0))
     assert report.relative(table, "stl", "t", "accuracy", "stl") == pytest.approx((0.0, 0.0))
-
-
-@pytest.mark.slow
-def test_dvc_repro_runs_the_report_stage(tmp_path):
-    from tests.test_pipeline_dvc import commit, copy_project, edit_params, repro
-
-    root = copy_project(tmp_path)
-    edit_params(root, lambda p: (p["train"].update(epochs=2, patience=0, hidden=[8], head_hidden=[4]),
-                                 p.update(seeds=[0])))
-    commit(root, "tiny")
-    assert "report" in repro(root)
-    assert "up to date" in run(["dvc", "status"], root).stdout
-    images = {p.name for p in (root / paths.PLOTS_DIR).iterdir()}
-    assert {"val_loss.png", "weights.png", "pareto.png", "affinity-hps-ew.png"} <= images
-    assert "affinity-stl.png" not in images  # single-task networks share nothing to measure
-    run(["dvc", "plots", "show", "-o", "plots_html"], root)
-    shown = (root / "plots_html/index.html").read_text()
-    assert "weight/species.tsv" in shown and "pareto.png" in shown
-    shutil.rmtree(root / "plots_html")
