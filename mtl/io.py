@@ -26,6 +26,7 @@ os.umask(UMASK)
 
 # Strings read as missing values in CSV files ("?" is how UCI data sets mark them).
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
+CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
 
 # Rows per record batch the data stages read, and per Parquet row group they write: their memory
 # grows with it (a few batches at a time), not with the table.
@@ -85,16 +86,6 @@ def atomic_paths(*paths: Path | str) -> Iterator[list[Path]]:
         yield [stack.enter_context(atomic_path(path)) for path in paths]
 
 
-def write_outputs(outputs: dict[Path, pa.Table | dict]) -> None:
-    """Write outputs that belong together (Parquet tables, JSON objects), all or none."""
-    with atomic_paths(*outputs) as tmps:
-        for tmp, value in zip(tmps, outputs.values()):
-            if isinstance(value, pa.Table):
-                pq.write_table(value, tmp)
-            else:
-                tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-
-
 class RowGroupWriter:
     """A Parquet file written row group by row group (at least ``BATCH_ROWS`` rows each, but
     the last); floating-point columns are not dictionary-encoded (it rarely pays for them, and
@@ -141,8 +132,7 @@ def read_table(path: Path | str) -> pa.Table:
         if parquet:
             table = pq.read_table(path)
         else:
-            options = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
-            table = pacsv.read_csv(path, convert_options=options)
+            table = pacsv.read_csv(path, convert_options=CSV_OPTIONS)
     _check_columns(path, table.schema, parquet)
     return table
 
@@ -203,8 +193,7 @@ def scan_table(path: Path | str) -> Scan:
             batches = lambda: dataset.to_batches(batch_size=BATCH_ROWS, batch_readahead=2,
                                                  fragment_readahead=1)
         else:
-            options = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
-            batches = lambda: pacsv.open_csv(path, convert_options=options)
+            batches = lambda: pacsv.open_csv(path, convert_options=CSV_OPTIONS)
             schema = batches().schema
     _check_columns(path, schema, parquet)
 

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from mtl import paths
 from mtl.cli import app
 from mtl.config import SplitConfig, load_params
-from mtl.io import write_outputs
+from mtl.io import atomic_paths
 from mtl.stages import augment, ingest, split
 from tests.helpers import env
 
@@ -623,6 +623,16 @@ def test_a_write_killed_midway_leaves_the_previous_output(tmp_path: Path) -> Non
     result = subprocess.run([sys.executable, "-c", script, str(target)], env=env(), check=False)
     assert result.returncode == -signal.SIGKILL
     assert target.read_bytes() == b"previous"
+
+
+def write_outputs(outputs: dict[Path, pa.Table | dict]) -> None:
+    """A table and a JSON object written as ingest writes its pair: through ``atomic_paths``."""
+    with atomic_paths(*outputs) as tmps:
+        for tmp, value in zip(tmps, outputs.values()):
+            if isinstance(value, pa.Table):
+                pq.write_table(value, tmp)
+            else:
+                tmp.write_text(json.dumps(value), encoding="utf-8")
 
 
 def test_outputs_that_belong_together_are_replaced_together_or_not_at_all(tmp_path: Path) -> None:
