@@ -22,13 +22,8 @@ from typer.testing import CliRunner
 from mtl import paths
 from mtl.cli import app
 from mtl.engine import weighting
-from mtl.engine.affinity import (
-    AffinityProbe,
-    describe,
-    gradient_cosines,
-    lookahead_affinity,
-    mean_over_runs,
-)
+from mtl.engine.affinity import AffinityProbe, gradient_cosines, lookahead_affinity
+from mtl.engine.affinity_summary import describe, mean_over_runs
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor, TabularPreprocessor
 from mtl.engine.tasks import Task

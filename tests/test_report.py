@@ -10,7 +10,7 @@ from matplotlib.image import imread
 
 from mtl import paths
 from mtl.config import load_params
-from mtl.engine.affinity import describe, mean_over_runs
+from mtl.engine.affinity_summary import describe, mean_over_runs
 from mtl.io import write_json
 from mtl.stages import compare, report
 from tests.helpers import REPO, run

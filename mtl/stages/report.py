@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from mtl import paths
 from mtl.config import Params
 from mtl.engine import HIGHER_IS_BETTER
+from mtl.engine.affinity_summary import describe, mean_over_runs
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_json, replace_dir
 
@@ -99,7 +100,6 @@ def mean_affinity(variant: str, seeds: list[int]) -> dict | None:
     summaries = [read_json(f) for f in files if f.is_file()]
     if not summaries:
         return None
-    from mtl.engine.affinity import mean_over_runs  # imports torch: only when needed
 
     return mean_over_runs(summaries)
 
@@ -238,7 +238,6 @@ def render(compare_md: str, table: dict, baseline: str, seeds: list[int], firsts
     if not affinity:
         lines += ["No variant recorded task affinity (`models/<variant>/seed-<seed>/affinity.json`).", ""]
     else:
-        from mtl.engine.affinity import describe  # imports torch: only when needed
 
         for variant, summary in affinity.items():
             lines += [f"### `{variant}`", "", f"![Task affinity of {variant}](plots/affinity-{variant}.png)", "",
