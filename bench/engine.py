@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,23 +70,24 @@ def options(**kw) -> FitOptions:
     return FitOptions(**({"epochs": 1, "batch_size": BATCH, "lr": LR, "progress": False} | kw))
 
 
-def trainer_epoch(tasks: list[Task], data: TaskData, empty: TaskData) -> float:
-    model, ew = hps(tasks), weighting.build("ew", [t.name for t in tasks])
+def trainer_epoch(tasks: list[Task], data: TaskData, empty: TaskData, batch: int = BATCH,
+                  build: Callable[[list[Task]], torch.nn.Module] = hps) -> float:
+    model, ew = build(tasks), weighting.build("ew", [t.name for t in tasks])
     start = time.perf_counter()
-    fit(model, tasks, ew, data, empty, options())
+    fit(model, tasks, ew, data, empty, options(batch_size=batch))
     return time.perf_counter() - start
 
 
-def bare_epoch(tasks: list[Task], data: TaskData, fused: bool) -> float:
+def bare_epoch(tasks: list[Task], data: TaskData, fused: bool, batch: int = BATCH,
+               build: Callable[[list[Task]], torch.nn.Module] = hps) -> float:
     """What one would write by hand: index the tensors, sum the task losses, AdamW."""
-    model = hps(tasks)
+    model = build(tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=fused or None)
     generator = torch.Generator().manual_seed(0)
-    x, cat = data.inputs["num"], data.inputs["cat"]
     start = time.perf_counter()
     model.train()
-    for rows in torch.randperm(len(data), generator=generator).split(BATCH):
-        outputs = model({"num": x[rows], "cat": cat[rows]})
+    for rows in torch.randperm(len(data), generator=generator).split(batch):
+        outputs = model({key: value[rows] for key, value in data.inputs.items()})
         loss = sum(t.loss(outputs[t.name], data.targets[t.name][rows], data.masks[t.name][rows])
                    for t in tasks)
         optimizer.zero_grad(set_to_none=True)
@@ -118,13 +120,14 @@ def label(name: str, opts: dict) -> str:
     return name + "".join(f" ({k}={v})" for k, v in opts.items())
 
 
-def method_step(name: str, opts: dict, tasks: list[Task], data: TaskData, empty: TaskData) -> float:
+def method_step(name: str, opts: dict, tasks: list[Task], data: TaskData, empty: TaskData,
+                batch: int = BATCH, build: Callable[[list[Task]], torch.nn.Module] = hps) -> float:
     names = [t.name for t in tasks]
     weights = dict.fromkeys(names, 1.0) if name == "static" else None
-    model, method = hps(tasks), weighting.build(name, names, weights, opts)
+    model, method = build(tasks), weighting.build(name, names, weights, opts)
     start = time.perf_counter()
-    fit(model, tasks, method, data, empty, options())
-    return (time.perf_counter() - start) / -(-len(data) // BATCH)
+    fit(model, tasks, method, data, empty, options(batch_size=batch))
+    return (time.perf_counter() - start) / -(-len(data) // batch)
 
 
 def compare_methods(ks: list[int], steps: int, repeats: int) -> dict:

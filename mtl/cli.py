@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,9 +82,11 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the lock
         for s in seeds_of(loaded, seed):
-            with stage_lock(f"train@{variant}-{s}"):
+            with stage_lock(f"train@{variant}-{s}") if main else contextlib.nullcontext():
                 stage.run(loaded, variant, s, resume=not fresh)
+        stage.distributed.stop()
 
 
 @app.command()

@@ -309,6 +309,10 @@ class Params(Section):
             _check_options(f"{where}.arch_options", variant.arch, ARCH_OPTIONS, variant.arch_options)
             _check_options(f"{where}.weighting_options", variant.weighting, WEIGHTING_OPTIONS,
                            variant.weighting_options)
+            if variant.weighting_options.get("level") == "features" and variant.arch != "hps":
+                raise ValueError(f"{where}.weighting_options.level: 'features' needs arch 'hps', the "
+                                 f"one architecture with a single shared representation "
+                                 f"('{variant.arch}' has none); use 'params'")
             self.variant_train(name)  # validates the overrides
         if self.compare.baseline not in self.variants:
             raise ValueError(f"compare.baseline: '{self.compare.baseline}' is not a variant")

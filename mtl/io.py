@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from mtl import sources
@@ -181,17 +180,15 @@ class Scan:
 
 
 def scan_table(path: Path | str) -> Scan:
-    """Stream one Parquet (with ``pyarrow.dataset``) or CSV file, with ``read_table``'s checks."""
+    """Stream one Parquet or CSV file, with ``read_table``'s checks."""
     path = Path(path)
     parquet = _table_file(path)
     with _readable(path):
         if parquet:
             schema = pq.read_schema(path)
-            # pre_buffer would read ahead the whole file: memory would grow with the table
-            options = ds.ParquetFragmentScanOptions(pre_buffer=False)
-            dataset = ds.dataset(path, format=ds.ParquetFileFormat(default_fragment_scan_options=options))
-            batches = lambda: dataset.to_batches(batch_size=BATCH_ROWS, batch_readahead=2,
-                                                 fragment_readahead=1)
+            # Row group by row group, no read-ahead: a dataset scanner (and pre_buffer) reads
+            # ahead of a slow consumer without bound, so memory would grow with the table.
+            batches = lambda: pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS)
         else:
             batches = lambda: pacsv.open_csv(path, convert_options=CSV_OPTIONS)
             schema = batches().schema

@@ -149,8 +149,27 @@ def test_mgda_over_the_features_weighs_the_representation_gradients():
     assert torch.allclose(used, alpha, atol=1e-5)
     assert torch.allclose(x.grad, 2 * alpha @ h, atol=1e-5)  # through the trunk: 2 sum alpha_k h_k
     assert torch.allclose(heads.grad, h @ features.detach())  # each head: its own loss, unweighted
-    with pytest.raises(ValueError, match="mgda"):
+    with pytest.raises(ValueError, match="level 'features' needs a model"):
         build("mgda", level="features").backward(h @ x, Step([x]))
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_over_an_identity_trunk_both_levels_give_the_same_update(name):
+    """With features = x, the gradients over the representation are those over the trunk's
+    parameter, so level 'features' must give exactly the update of level 'params'."""
+    h = torch.tensor([[2.0, 0.0, 1.0], [-1.0, 1.0, 0.5], [0.3, -2.0, 1.0]])
+
+    def update(level: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, heads = nn.Parameter(torch.tensor([1.0, -0.5, 2.0])), nn.Parameter(torch.ones(3))
+        features = x * 1.0
+        torch.manual_seed(0)  # pcgrad's random order
+        used = build(name, level=level).backward(heads * (h @ features), Step([x], features))
+        return x.grad, heads.grad, used
+
+    (params_grad, params_heads, params_used), (grad, heads_grad, used) = update("params"), update("features")
+    assert torch.allclose(grad, params_grad, atol=1e-5)
+    assert torch.allclose(heads_grad, params_heads)
+    assert torch.allclose(used, params_used, atol=1e-5)
 
 
 def test_pcgrad_removes_the_conflicting_components():

@@ -28,13 +28,14 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
     "gradnorm": {"alpha": 1.5},
     "famo": {"logit_lr": 0.025, "gamma": 0.001},
     "db_mtl": {"beta": 0.9, "beta_sigma": 0.0},
-    "mgda": {"level": "params"},  # or "features": over the shared representation (MGDA-UB)
-    "pcgrad": {},
-    "cagrad": {"c": 0.4},
-    "imtl": {},
-    "nash_mtl": {"max_norm": 1.0},
-    "aligned_mtl": {"scale_mode": "min"},  # or "median", "rmse"
-    "upgrad": {},
+    # level "params" or "features": the gradients over the shared representation (MGDA-UB)
+    "mgda": {"level": "params"},
+    "pcgrad": {"level": "params"},
+    "cagrad": {"c": 0.4, "level": "params"},
+    "imtl": {"level": "params"},
+    "nash_mtl": {"max_norm": 1.0, "level": "params"},
+    "aligned_mtl": {"scale_mode": "min", "level": "params"},  # or "median", "rmse"
+    "upgrad": {"level": "params"},
 }
 WEIGHTINGS = tuple(WEIGHTING_OPTIONS)
 TASK_KINDS = ("binary", "multiclass", "multilabel", "regression")

@@ -46,14 +46,15 @@ def lookahead_affinity(model: nn.Module, tasks: Sequence[Task], data: TaskData,
 
 class AffinityProbe:
     """Both measures on ``batches`` fixed training batches of ``batch_size`` rows, drawn once with
-    a generator of its own; ``measure`` after each epoch, ``summary`` for the mean over epochs."""
+    a generator of its own (and held on ``device``, by default the data's); ``measure`` after
+    each epoch, ``summary`` for the mean over epochs."""
 
     def __init__(self, tasks: Sequence[Task], data: TaskData, batches: int, batch_size: int,
-                 seed: int):
+                 seed: int, device: torch.device | None = None):
         self.tasks = list(tasks)
         rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        device = next(iter(data.targets.values())).device
-        self.batches = [data.take(r.to(device)) for r in rows.split(batch_size)[:batches]]
+        self.batches = [data.take(r.to(data.device)).to(device or data.device)
+                        for r in rows.split(batch_size)[:batches]]
         self.history: list[dict[str, np.ndarray]] = []  # per epoch measured
 
     def measure(self, model: nn.Module, lr: float) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ kind, and the ``FeatureEncoder`` built from it maps those tensors to one vector 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,6 +22,50 @@ from torch import nn
 
 from mtl.engine.image import ImageInput, SmallCNN
 from mtl.engine.text import HashedText, HashedTextEncoder, MiniLMText
+
+# What preprocessing is fitted on: a table, or its chunks (tables or record batches) one by one.
+Chunks = pa.Table | Iterable[pa.Table | pa.RecordBatch]
+
+
+def chunks_of(data: Chunks) -> Iterable[pa.Table | pa.RecordBatch]:
+    """``data``'s chunks: a table is one chunk."""
+    return [data] if isinstance(data, pa.Table) else data
+
+
+class Moments:
+    """Count, mean and population standard deviation of the finite values seen so far, updated
+    chunk by chunk with Chan et al.'s parallel formula (merging each chunk's count, mean and sum
+    of squared deviations M2): one pass, memory independent of the number of values."""
+
+    def __init__(self):
+        self.count, self._mean, self._m2 = 0, 0.0, 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        """Add the finite values of the float64 array ``values``."""
+        finite = values[np.isfinite(values)]
+        n = len(finite)
+        if n == 0:
+            return
+        mean = float(finite.mean())
+        m2 = float(np.square(finite - mean).sum())
+        if self.count == 0:
+            self.count, self._mean, self._m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self._mean
+        self._mean += delta * n / total
+        self._m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def mean(self) -> float:
+        """The mean (0 before any finite value)."""
+        return self._mean
+
+    @property
+    def std(self) -> float:
+        """The population standard deviation, ``np.std``'s (0 for fewer than 2 values)."""
+        return math.sqrt(self._m2 / self.count) if self.count > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -35,20 +80,22 @@ class TabularPreprocessor:
     vocabularies: tuple[tuple[str, ...], ...]
 
     @classmethod
-    def fit(cls, table: pa.Table, numeric: list[str], categorical: list[str],
+    def fit(cls, data: Chunks, numeric: list[str], categorical: list[str],
             indicators: list[str]) -> TabularPreprocessor:
-        means, stds = [], []
-        for name in numeric:
-            values = _floats(table[name])
-            finite = values[np.isfinite(values)]
-            means.append(float(finite.mean()) if len(finite) else 0.0)
-            std = float(finite.std()) if len(finite) > 1 else 0.0
-            stds.append(std if std > 0 else 1.0)
-        vocabularies = tuple(
-            tuple(sorted(v for v in pc.unique(table[name].cast(pa.string())).to_pylist() if v is not None))
-            for name in categorical)
-        return cls(tuple(numeric), tuple(means), tuple(stds), tuple(indicators),
-                   tuple(categorical), vocabularies)
+        """Means and standard deviations of the finite values of ``numeric`` (0 and 1 when there
+        are none; a standard deviation of 0, or of fewer than 2 values, is 1), and the sorted
+        vocabulary of each ``categorical`` column, in one pass over ``data``'s chunks."""
+        moments = {name: Moments() for name in numeric}
+        seen: dict[str, set[str]] = {name: set() for name in categorical}
+        for chunk in chunks_of(data):
+            for name in numeric:
+                moments[name].update(_floats(chunk[name]))
+            for name in categorical:
+                seen[name].update(pc.unique(chunk[name].cast(pa.string())).drop_null().to_pylist())
+        means = tuple(moments[name].mean for name in numeric)
+        stds = tuple(s if s > 0 else 1.0 for s in (moments[name].std for name in numeric))
+        vocabularies = tuple(tuple(sorted(seen[name])) for name in categorical)
+        return cls(tuple(numeric), means, stds, tuple(indicators), tuple(categorical), vocabularies)
 
     def transform(self, table: pa.Table) -> dict[str, torch.Tensor]:
         columns = []
@@ -83,7 +130,7 @@ class TabularPreprocessor:
                       for k, v in state.items()})
 
 
-def _floats(column: pa.ChunkedArray) -> np.ndarray:
+def _floats(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype("float64")
 
 
@@ -114,13 +161,15 @@ class Preprocessor:
     image: ImageInput | None = None
 
     @classmethod
-    def fit(cls, table: pa.Table, features: dict[str, dict], text: str = "hashed",
+    def fit(cls, data: Chunks, features: dict[str, dict], text: str = "hashed",
             hashing: dict | None = None) -> Preprocessor:
-        """``features``: each column's record in schema.json (kind, n_missing, image shape);
-        ``hashing``: keyword arguments of ``HashedText`` (buckets, n-gram ranges, max_tokens)."""
+        """Fitted on ``data``, a table or an iterable of tables or record batches, in one pass
+        over it (only the tabular part learns from the data); ``features``: each column's record
+        in schema.json (kind, n_missing, image shape); ``hashing``: keyword arguments of
+        ``HashedText`` (buckets, n-gram ranges, max_tokens)."""
         of = lambda kind: [name for name, f in features.items() if f["kind"] == kind]
         numeric = of("numeric")
-        tabular = TabularPreprocessor.fit(table, numeric, of("categorical"),
+        tabular = TabularPreprocessor.fit(data, numeric, of("categorical"),
                                           indicators=[n for n in numeric if features[n]["n_missing"] > 0])
         texts, images = tuple(of("text")), tuple(of("image"))
         text_part = None

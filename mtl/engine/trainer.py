@@ -1,7 +1,9 @@
-"""The training loop: batches indexed from tensors held on the device, one backward per
-(micro-)batch through the weighting, AdamW or SGD with an optional learning-rate schedule,
-gradient clipping and accumulation, model selection on validation loss with early stopping,
-and a checkpoint at the end of every epoch from which a run resumes bit-identically on CPU."""
+"""The training loop: batches indexed from the split's tensors (held on the device, or
+memory-mapped on the host and moved batch by batch), one backward per (micro-)batch through the
+weighting, AdamW or SGD with an optional learning-rate schedule, gradient clipping and
+accumulation, model selection on validation loss with early stopping, a checkpoint at the end of
+every epoch from which a run resumes bit-identically on CPU, and data parallelism over the
+processes ``torchrun`` starts (``mtl.engine.distributed``)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
 
+from mtl.engine import distributed
 from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.weighting import Step, Weighting
@@ -50,6 +54,14 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(next(iter(self.targets.values())))
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.targets.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for d in (self.inputs, self.targets, self.masks) for t in d.values())
 
     def take(self, index: torch.Tensor) -> TaskData:
         pick = lambda d: {k: v[index] for k, v in d.items()}
@@ -241,8 +253,18 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     micro-batch gets no backward (an optimizer step whose micro-batches were all skipped is not
     taken), ``FitResult.skipped_steps`` counts it, and an epoch with every step skipped raises
     anyway. Only the losses are checked: a finite loss whose gradient overflows is not caught.
+
+    Data parallelism: in a process group (``torchrun``), every process trains the same model on
+    its slice of each batch (``batch_size`` is the whole batch, over all processes) and the
+    result equals one process's with the same batches, up to floating-point rounding. Loss
+    weightings go through DistributedDataParallel, which all-reduces the gradients during the
+    backward pass; methods that combine per-task gradients average those (the Jacobian, or the
+    Gramian at the representation level) over the processes before combining them, and the
+    remaining gradients are averaged before the optimizer step, as with accumulation. Only
+    rank 0 calls ``on_epoch`` and writes the checkpoint; every process reads it to resume.
     """
     device = next(model.parameters()).device
+    processes, rank = distributed.world()
     if len(train) == 0:
         raise ValueError("no training rows")
     check_options(options, device, len(val) > 0)
@@ -261,28 +283,44 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start, best, stopped, skipped = _restore(Path(checkpoint), options, model, weighting,
                                                  optimizer, schedule, plateau, generator, device)
-    forward = _forward(model, precision, options.compile)
+    ddp = None
+    if processes > 1:  # DDP also broadcasts rank 0's initial weights
+        ddp = DistributedDataParallel(_WithFeatures(model),
+                                      device_ids=[device] if device.type == "cuda" else None)
+    forward = _forward(ddp or model.forward_with_features, precision, options.compile)
     n, k = len(train), options.accumulate
+    # Without DDP's all-reduce during backward, gradients are averaged before each optimizer step.
+    average = processes > 1 and (k > 1 or not weighting.loss_backward)
+    sync = ddp.no_sync if average else contextlib.nullcontext
     epoch = start - 1
-    with deterministic_algorithms(options.deterministic, device), _progress(options.progress) as bar:
+    main = rank == 0
+    with deterministic_algorithms(options.deterministic, device), _progress(options.progress and main) as bar:
         status = bar.add_task("epoch", total=options.epochs, completed=start, status="")
         for epoch in range(start, start if stopped else options.epochs):
             model.train()
             lr = optimizer.param_groups[0]["lr"]
             step_losses, step_weights = [], []  # stacked once per epoch, not summed per step
-            batches = torch.randperm(n, generator=generator).to(device).split(options.batch_size)
+            batches = torch.randperm(n, generator=generator).to(train.device).split(options.batch_size)
             for i, rows in enumerate(batches):
                 if i % k == 0:
                     optimizer.zero_grad(set_to_none=True)
                     used = 0  # micro-batches of this optimizer step that went through backward
-                batch = train.take(rows)
-                outputs, features = forward(batch.inputs)
-                losses = task_losses(outputs, tasks, batch)
-                values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
-                if all(map(math.isfinite, values)):
-                    step = Step(shared, features, epoch)
-                    step_weights.append(weighting.backward(losses, step) if k == 1
-                                        else _backward_alone(weighting, losses, step, params))
+                batch = train.take(rows.tensor_split(processes)[rank] if processes > 1 else rows)
+                if batch.device != device:
+                    batch = batch.to(device)
+                with sync():
+                    outputs, features = forward(batch.inputs)
+                    losses = task_losses(outputs, tasks, batch)
+                    if processes > 1:
+                        losses = distributed.whole_batch_losses(losses, torch.stack(
+                            [batch.masks[t.name].sum() for t in tasks]))
+                    values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
+                    finite = all(map(math.isfinite, values))
+                    if finite:
+                        step = Step(shared, features, epoch, processes, distributed.mean_over_processes)
+                        step_weights.append(weighting.backward(losses, step) if k == 1
+                                            else _backward_alone(weighting, losses, step, params))
+                if finite:
                     step_losses.append(losses.detach())
                     used += 1
                 else:
@@ -298,6 +336,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                 if used and ((i + 1) % k == 0 or i + 1 == len(batches)):  # the step's last micro-batch
                     if k > 1:
                         _mean_of_micro_batches(params, used)
+                    if average:
+                        distributed.mean_over_processes([p.grad for p in params if p.grad is not None])
                     for group in clipped:
                         nn.utils.clip_grad_norm_(group, options.clip_grad_norm, foreach=True)
                     optimizer.step()
@@ -321,13 +361,13 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                         best[g] = (score, epoch, copy.deepcopy(module.state_dict()))
             stopped = bool(options.patience and len(val)
                            and all(epoch - b[1] >= options.patience for b in best))
-            if on_epoch is not None:
+            if on_epoch is not None and main:
                 on_epoch(epoch, log)
             if plateau is not None and epoch >= options.warmup_epochs:
                 plateau.step(val_loss)
             elif schedule is not None:
                 schedule.step()
-            if checkpoint is not None:
+            if checkpoint is not None and main:
                 _save_atomically({
                     "options": asdict(options), "epoch": epoch, "stopped": stopped,
                     "model": model.state_dict(), "weighting": weighting.state_dict(),
@@ -349,11 +389,23 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     return result
 
 
-def _forward(model: nn.Module, precision: str, compile: bool
+class _WithFeatures(nn.Module):
+    """``model.forward_with_features`` as a module's forward, for DDP to wrap."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        return self.model.forward_with_features(inputs)
+
+
+def _forward(forward_with_features: Callable, precision: str, compile: bool
              ) -> Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """``model.forward_with_features``, compiled and under bf16 autocast if asked (the outputs are
-    then cast back to fp32, so that the losses are computed in fp32)."""
-    forward = torch.compile(model.forward_with_features) if compile else model.forward_with_features
+    """``forward_with_features`` (the model's, or DDP's around it), compiled and under bf16
+    autocast if asked (the outputs are then cast back to fp32, so that the losses are computed
+    in fp32)."""
+    forward = torch.compile(forward_with_features) if compile else forward_with_features
     if precision != "bf16":
         return forward
 

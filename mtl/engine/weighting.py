@@ -4,7 +4,7 @@ and returns the task weights it used, for logging."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +15,24 @@ from torchjd.aggregation import Aggregator
 from mtl.engine import WEIGHTING_OPTIONS
 
 
+def _one_process(tensors: list[torch.Tensor]) -> None:
+    """``Step.mean_over_processes`` of a run in one process: nothing to do."""
+
+
 @dataclass
 class Step:
-    """What a weighting may use in one training step besides the task losses."""
+    """What a weighting may use in one training step besides the task losses.
+
+    Under data parallelism each process sees its own part of the batch, with its losses scaled so
+    that the mean over processes of any gradient is the whole batch's; ``mean_over_processes``
+    replaces tensors in place by that mean (an all-reduce), so that a method can combine the
+    whole batch's per-task gradients, the same in every process."""
 
     shared_params: list[nn.Parameter]  # parameters every task depends on (empty for stl)
     features: torch.Tensor | None = None  # the shared representation the heads read, if any
     epoch: int = 0
+    processes: int = 1
+    mean_over_processes: Callable[[list[torch.Tensor]], None] = _one_process
 
 
 class Weighting(nn.Module):
@@ -32,7 +43,14 @@ class Weighting(nn.Module):
     override ``weights``; gradient methods override ``backward``. State that is neither a
     parameter nor a buffer goes through ``get_extra_state``, so that the trainer's checkpoints
     hold it and a resumed run continues exactly.
+
+    ``loss_backward``: the method's backward is one backward pass of a weighted sum of the
+    losses, whose weights depend on the loss values only, so that data parallelism may
+    all-reduce the gradients as they are computed (DDP). Methods that combine per-task gradients
+    set it False and combine the whole batch's gradients through ``Step.mean_over_processes``.
     """
+
+    loss_backward = True
 
     def __init__(self, task_names: Sequence[str]):
         super().__init__()
@@ -147,6 +165,8 @@ class GradNorm(Weighting):
     directly and renormalises it to sum to K after every step. Without shared parameters (STL)
     the losses are summed."""
 
+    loss_backward = False
+
     def __init__(self, task_names: Sequence[str], *, alpha: float):
         super().__init__(task_names)
         self.alpha = alpha
@@ -168,9 +188,10 @@ class GradNorm(Weighting):
         if self.initial_losses is None:
             self.initial_losses = losses.detach().clone()
         weights = len(losses) * torch.softmax(self.logits, dim=0)
-        norms = torch.stack([torch.autograd.grad(loss, matrices[-1], retain_graph=True)[0].norm()
+        grads = torch.stack([torch.autograd.grad(loss, matrices[-1], retain_graph=True)[0]
                              for loss in losses])
-        grad_norms = weights * norms
+        step.mean_over_processes([grads])
+        grad_norms = weights * grads.flatten(1).norm(dim=1)
         rates = losses.detach() / self.initial_losses
         target = (grad_norms.mean() * (rates / rates.mean()) ** self.alpha).detach()
         (grad_norms - target).abs().sum().backward(inputs=[self.logits])
@@ -257,21 +278,57 @@ def _jacobian_backward(losses: torch.Tensor, step: Step) -> None:
         p.grad = grad  # the shared parameters get the aggregated Jacobian instead
 
 
+LEVELS = ("params", "features")
+
+
 class GradientMethod(Weighting):
     """Base of the gradient methods: task-specific parameters get their own task's gradient, the
-    shared parameters the aggregation (a torchjd ``Aggregator``) of the Jacobian of the losses
-    over them. Returns the aggregator's weights of the task gradients. Without shared parameters
-    (STL) the losses are summed."""
+    shared parameters an aggregation (a torchjd ``Aggregator``) of the per-task gradients.
+    Returns the aggregator's weights of the task gradients. Without shared parameters (STL) the
+    losses are summed.
 
-    def __init__(self, task_names: Sequence[str], aggregator: Aggregator):
+    ``level="params"``: the aggregator combines the Jacobian of the losses over the shared
+    parameters. ``level="features"``: the weights come from the gradients over the shared
+    representation (the heads' input), as MGDA-UB does (Sener, Koltun 2018) and LibMTL's
+    ``rep_grad`` offers for every method: K passes through the heads, one through the trunk,
+    and a K x K Gramian instead of a K x (trunk parameters) Jacobian. It needs a model with one
+    shared representation (``hps``) and an aggregator that weighs the Gramian."""
+
+    loss_backward = False
+
+    def __init__(self, task_names: Sequence[str], aggregator: Aggregator, level: str = "params"):
+        if level not in LEVELS:
+            raise ValueError(f"level must be 'params' or 'features', not '{level}'")
         super().__init__(task_names)
         self.aggregator = aggregator
+        self.level = level
 
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if not step.shared_params:
             return _sum_backward(losses)
+        if self.level == "features":
+            return self._features_backward(losses, step)
         _jacobian_backward(losses, step)
+        step.mean_over_processes([p.jac for p in step.shared_params])
         return autojac.jac_to_grad(step.shared_params, self.aggregator).detach()
+
+    def _features_backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        """Weights from the Gramian of the representation gradients G_k = d L_k / d features;
+        the trunk then gets sum_k w_k G_k, each head its own loss's gradient."""
+        if step.features is None:
+            raise ValueError("level 'features' needs a model with one shared representation "
+                             "(this architecture gives none); use level 'params'")
+        grads = autojac.jac(list(losses), step.features, retain_graph=True)[0]
+        matrix = grads.flatten(1).float()  # fp32 also under bf16
+        # The rows of the whole batch's G are spread over the processes, each scaled by their
+        # number: its Gramian is the processes' mean Gramian over that number.
+        gramian = matrix @ matrix.T
+        step.mean_over_processes([gramian])
+        weights = self.aggregator.gramian_weighting(gramian / step.processes)
+        combined = torch.tensordot(weights.to(grads.dtype), grads, dims=1)
+        step.features.register_hook(lambda _: combined)
+        losses.sum().backward()
+        return weights.detach()
 
 
 class MGDA(GradientMethod):
@@ -279,29 +336,11 @@ class MGDA(GradientMethod):
     optimization"; as MTL: Sener, Koltun 2018, "Multi-Task Learning as Multi-Objective
     Optimization"): the minimum-norm point of the convex hull of the task gradients (torchjd's
     Frank-Wolfe solver, the paper's Algorithm 2). Unless it is zero (a Pareto-stationary
-    point), it decreases every task loss. ``level="params"`` uses the gradients over the shared
-    parameters; ``level="features"`` those over the shared representation (the paper's
-    MGDA-UB: cheaper, K passes through the heads and one through the trunk), which needs a model
-    with one. No gradient normalisation (the official code's optional "l2"/"loss+" modes)."""
+    point), it decreases every task loss. ``level="features"`` is the paper's MGDA-UB. No
+    gradient normalisation (the official code's optional "l2"/"loss+" modes)."""
 
     def __init__(self, task_names: Sequence[str], *, level: str):
-        if level not in ("params", "features"):
-            raise ValueError(f"mgda: level must be 'params' or 'features', not '{level}'")
-        super().__init__(task_names, aggregation.MGDA())
-        self.level = level
-
-    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
-        if self.level == "params" or not step.shared_params:
-            return super().backward(losses, step)
-        if step.features is None:
-            raise ValueError("mgda with level 'features' needs a model with one shared "
-                             "representation (this architecture gives none); use level 'params'")
-        grads = autojac.jac(list(losses), step.features, retain_graph=True)[0]
-        alphas = self.aggregator.weighting(grads.flatten(1).float())  # fp32 also under bf16
-        combined = torch.tensordot(alphas.to(grads.dtype), grads, dims=1)
-        step.features.register_hook(lambda _: combined)  # the trunk gets sum_k alpha_k grad_k
-        losses.sum().backward()
-        return alphas.detach()
+        super().__init__(task_names, aggregation.MGDA(), level)
 
 
 class PCGrad(GradientMethod):
@@ -310,8 +349,8 @@ class PCGrad(GradientMethod):
     loses its component along every other task gradient it conflicts with (negative inner
     product); the update is the sum of the projected gradients (torchjd, as the paper)."""
 
-    def __init__(self, task_names: Sequence[str]):
-        super().__init__(task_names, aggregation.PCGrad())
+    def __init__(self, task_names: Sequence[str], *, level: str):
+        super().__init__(task_names, aggregation.PCGrad(), level)
 
 
 class CAGrad(GradientMethod):
@@ -320,8 +359,8 @@ class CAGrad(GradientMethod):
     within a ball of radius c |g0| around the mean gradient g0; c = 0 gives g0 (torchjd, cvxpy's
     Clarabel solver). Unlike the official code, the update is not divided by 1 + c^2."""
 
-    def __init__(self, task_names: Sequence[str], *, c: float):
-        super().__init__(task_names, aggregation.CAGrad(c=c))
+    def __init__(self, task_names: Sequence[str], *, c: float, level: str):
+        super().__init__(task_names, aggregation.CAGrad(c=c), level)
 
 
 class IMTL(GradientMethod):
@@ -329,10 +368,10 @@ class IMTL(GradientMethod):
     Learning"): weights summing to 1 such that the update has the same projection on every unit
     task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly dependent
     gradients are allowed). The paper applies it to the gradients over the shared
-    representation; here over the shared parameters."""
+    representation: ``level="features"``."""
 
-    def __init__(self, task_names: Sequence[str]):
-        super().__init__(task_names, aggregation.IMTLG())
+    def __init__(self, task_names: Sequence[str], *, level: str):
+        super().__init__(task_names, aggregation.IMTLG(), level)
 
 
 class NashBargaining(aggregation.Weighting):
@@ -380,8 +419,9 @@ class NashMTL(GradientMethod):
     such as [1, 0] and [-1, 1] its weights are far from the condition (measured). Here the
     condition is solved exactly (Newton), and an error is raised when no solution exists."""
 
-    def __init__(self, task_names: Sequence[str], *, max_norm: float):
-        super().__init__(task_names, aggregation.GramianWeightedAggregator(NashBargaining(max_norm)))
+    def __init__(self, task_names: Sequence[str], *, max_norm: float, level: str):
+        super().__init__(task_names, aggregation.GramianWeightedAggregator(NashBargaining(max_norm)),
+                         level)
 
 
 class AlignedMTL(GradientMethod):
@@ -393,11 +433,11 @@ class AlignedMTL(GradientMethod):
     original code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
     sums them: the update is K times smaller."""
 
-    def __init__(self, task_names: Sequence[str], *, scale_mode: str):
+    def __init__(self, task_names: Sequence[str], *, scale_mode: str, level: str):
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(f"aligned_mtl: scale_mode must be 'min', 'median' or 'rmse', "
                              f"not '{scale_mode}'")
-        super().__init__(task_names, aggregation.AlignedMTL(scale_mode=scale_mode))
+        super().__init__(task_names, aggregation.AlignedMTL(scale_mode=scale_mode), level)
 
 
 class UPGrad(GradientMethod):
@@ -407,8 +447,8 @@ class UPGrad(GradientMethod):
     (no task's loss increases to first order) and equals the mean gradient when no two task
     gradients conflict."""
 
-    def __init__(self, task_names: Sequence[str]):
-        super().__init__(task_names, aggregation.UPGrad())
+    def __init__(self, task_names: Sequence[str], *, level: str):
+        super().__init__(task_names, aggregation.UPGrad(), level)
 
 
 class DualBalance(Aggregator):
@@ -455,6 +495,7 @@ class DBMTL(GradientMethod):
         if not step.shared_params:
             return _sum_backward(log_losses)
         _jacobian_backward(log_losses, step)
+        step.mean_over_processes([p.jac for p in step.shared_params])
         autojac.jac_to_grad(step.shared_params, self.aggregator)
         return self.aggregator.alphas.detach()
 

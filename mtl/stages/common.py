@@ -19,15 +19,18 @@ if TYPE_CHECKING:
     from mtl.engine.encoders import Preprocessor
 
 
-def require_columns(table: pa.Table, path: Path, params: Params, reserved: bool = False) -> None:
-    """Fail with one line if a task's target column (or a reserved column) is missing from ``table``."""
+def require_columns(table: pa.Table | pa.Schema, path: Path, params: Params,
+                    reserved: bool = False) -> None:
+    """Fail with one line if a task's target column (or a reserved column) is missing from
+    ``table`` (or a table of that schema)."""
+    names = (table if isinstance(table, pa.Schema) else table.schema).names
     for name, task in params.data.tasks.items():
         for column in task.columns:
-            if column not in table.column_names:
+            if column not in names:
                 raise UserError(f"data.tasks.{name}.target: column '{column}' is not in {path} "
                                 "(re-run ingest after changing data.tasks)")
     for column in paths.RESERVED if reserved else (paths.ID,):
-        if column not in table.column_names:
+        if column not in names:
             raise UserError(f"{path}: column '{column}' is missing (written by an older or other tool?)")
 
 

@@ -7,7 +7,12 @@ While it trains, the run keeps its checkpoint (written after every epoch) and it
 inputs (params, splits, schema, engine code). A run that was killed, by hand or with
 ``dvc repro``, resumes there when rerun with the same inputs, with the same result as a run that
 was never interrupted (bit-identical on CPU); ``--fresh`` starts over. Only a finished run
-moves its model and logs into place, so no DVC output ever holds a partial run."""
+moves its model and logs into place, so no DVC output ever holds a partial run.
+
+Under ``torchrun`` (e.g. ``torchrun --nproc-per-node 2 -m mtl train --variant hps-ew``) every
+process trains its slice of each batch (``mtl.engine.distributed``); rank 0 alone decides whether
+to resume, logs, checkpoints and writes the outputs. Several nodes must share the project
+folder."""
 
 from __future__ import annotations
 
@@ -19,17 +24,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
+import torch
 from dvclive import Live
 from scmrepo.exceptions import SCMError
 
 from mtl import paths
 from mtl.config import Params, TrainConfig
+from mtl.engine import distributed
 from mtl.engine import weighting as weightings
 from mtl.engine.affinity import AffinityProbe
 from mtl.engine.checkpoint import Bundle
-from mtl.engine.encoders import Preprocessor
-from mtl.engine.tasks import Task
 from mtl.engine.trainer import (
     CheckpointMismatch,
     FitOptions,
@@ -41,33 +45,34 @@ from mtl.engine.trainer import (
     select_device,
 )
 from mtl.errors import UserError
-from mtl.io import atomic_path, read_json, read_table, replace_dir, write_json
+from mtl.io import atomic_path, read_json, replace_dir, scan_table, write_json
+from mtl.stages import encoded
 from mtl.stages.common import require_columns
-
-ENGINE_CODE = Path(__file__).resolve().parents[1] / "engine"
 
 
 def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     cfg = params.variant_train(variant)
     spec = params.variants[variant]
     schema = read_json(paths.SCHEMA)
-    train_table, val_table = (read_table(paths.split_path(s)) for s in ("train", "val"))
-    for split, table in (("train", train_table), ("val", val_table)):
-        require_columns(table, paths.split_path(split), params)
-        missing = [f for f in schema["features"] if f not in table.column_names]
+    for split in ("train", "val"):
+        columns = scan_table(paths.split_path(split)).schema
+        require_columns(columns, paths.split_path(split), params)
+        missing = [f for f in schema["features"] if f not in columns.names]
         if missing:
             raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
                             f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
 
     seed_everything(seed)
     device = select_device(cfg.device)
+    if distributed.launched():
+        device = distributed.start(device.type) or device
+    main = distributed.world()[1] == 0
     try:
         precision = resolve_precision(cfg.precision, device)
     except ValueError as exc:
         raise UserError(f"train.precision: {exc}") from None
     enc = params.encoders
-    preprocessor = Preprocessor.fit(train_table, schema["features"], enc.text, enc.hashing.model_dump())
-    tasks = [task_from_schema(name, schema, train_table) for name in params.data.tasks]
+    preprocessor, tasks, train, val = encoded.load(params, schema)
     layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
               "options": spec.arch_options}
     info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
@@ -83,24 +88,25 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     checkpoint, stamp = work / "checkpoint.pt", work / "inputs.sha256"
     inputs = fingerprint(params, variant, seed)
     resume = resume and checkpoint.is_file() and stamp.is_file() and stamp.read_text() == inputs
-    if not resume:
+    resume = distributed.from_main(resume)
+    if not resume and main:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         stamp.write_text(inputs)
+    distributed.barrier()
     model = bundle.model.to(device)
     weighting = weighting.to(device)
-    train = TaskData.from_table(train_table, preprocessor, tasks).to(device)
-    val = TaskData.from_table(val_table, preprocessor, tasks).to(device)
+    train, val = on_device(train, device), val.to(device)
 
-    if resume:  # rows logged after the last checkpoint, before the run was stopped
+    if resume and main:  # rows logged after the last checkpoint, before the run was stopped
         drop_logged_steps(work / "live", resumed_epoch(checkpoint))
     probe = None  # task relatedness; stl shares nothing to measure it on
-    if spec.arch != "stl" and cfg.affinity_batches:
-        probe = AffinityProbe(tasks, train, cfg.affinity_batches, cfg.batch_size, seed)
+    if spec.arch != "stl" and cfg.affinity_batches and main:
+        probe = AffinityProbe(tasks, train, cfg.affinity_batches, cfg.batch_size, seed, device)
         if resume and (work / "affinity.json").is_file():
             probe.load_state_dict(read_json(work / "affinity.json"), resumed_epoch(checkpoint))
     try:
-        live = Live(str(work / "live"), dvcyaml=False, save_dvc_exp=False, resume=resume)
+        live = Live(str(work / "live"), dvcyaml=False, save_dvc_exp=False, resume=resume) if main else None
     except SCMError as exc:  # dvclive 3.49 fails in a git repository without commits
         raise UserError(f"dvclive cannot log here ({exc}): make a first git commit, then re-run") from None
 
@@ -128,11 +134,13 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     except NonFiniteLoss as exc:
         raise UserError(f"train@{variant}-{seed}: {exc}") from None
     seconds = time.perf_counter() - start
+    if not main:
+        return
     live.end()
 
     bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
                     "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
-                    "device": str(device),
+                    "device": str(device), "processes": distributed.world()[0],
                     "precision": precision, "deterministic": cfg.deterministic}
     finished = work / "model"
     finished.mkdir()
@@ -153,17 +161,22 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
 def fingerprint(params: Params, variant: str, seed: int) -> str:
     """SHA-256 of everything a training run depends on: its params, the splits and schema it
     reads, and the engine's source code."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(encoded.data_fingerprint(params).encode())
     config = {"variant": params.variants[variant].model_dump(), "seed": seed,
-              "train": params.variant_train(variant).model_dump(),
-              "encoders": params.encoders.model_dump(),
-              "tasks": {k: v.model_dump() for k, v in params.data.tasks.items()}}
+              "train": params.variant_train(variant).model_dump()}
     digest.update(json.dumps(config, sort_keys=True).encode())
-    files = [paths.split_path("train"), paths.split_path("val"), paths.SCHEMA, Path(__file__),
-             *sorted(ENGINE_CODE.glob("*.py"))]
-    for path in files:
-        digest.update(path.read_bytes())
+    digest.update(encoded.file_digest(Path(__file__)))
     return digest.hexdigest()
+
+
+def on_device(data: TaskData, device: torch.device) -> TaskData:
+    """``data`` moved to ``device`` if it takes at most half of the device's free memory (CUDA);
+    otherwise, and on the CPU, left memory-mapped, for the trainer to move batch by batch."""
+    if device.type == "cpu":
+        return data
+    if device.type == "cuda" and data.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return data
+    return data.to(device)
 
 
 def resumed_epoch(checkpoint: Path) -> int:
@@ -181,18 +194,3 @@ def drop_logged_steps(live_dir: Path, first: int) -> None:
         kept = [r for r in rows if int(r.split("\t")[step]) < first]
         with atomic_path(tsv) as tmp:
             tmp.write_text("\n".join([header, *kept]) + "\n")
-
-
-def task_from_schema(name: str, schema: dict, train_table: pa.Table) -> Task:
-    """The engine's task; a regression target is standardised with train-split statistics."""
-    spec = schema["tasks"][name]
-    if spec["kind"] == "multilabel":
-        return Task(name, "multilabel", tuple(spec["target"]), classes=tuple(spec["labels"]))
-    if spec["kind"] != "regression":
-        return Task(name, spec["kind"], spec["target"], classes=tuple(spec["classes"]))
-    values = train_table[spec["target"]].to_numpy(zero_copy_only=False).astype("float64")
-    labelled = values[np.isfinite(values)]
-    if len(labelled) == 0:
-        raise UserError(f"data.tasks.{name}.target: no labelled row in the train split")
-    std = float(labelled.std())
-    return Task(name, "regression", spec["target"], mean=float(labelled.mean()), std=std if std > 0 else 1.0)

@@ -1,0 +1,103 @@
+"""The train and val splits encoded once for every training run on them.
+
+The preprocessing (train-split statistics of the numeric columns, categorical vocabularies,
+regression targets' mean and std) is fitted in one streaming pass over the train split; both
+splits are then encoded chunk by chunk into memory-mapped arrays (``mtl.engine.store``) under
+``.mtl/encoded/<hash>/``, the hash being that of everything the encoding depends on: the splits,
+the schema, the task and encoder params and the engine's code. Every variant and seed reads the
+same arrays, so memory stays bounded by a chunk while encoding and the OS page cache, not each
+process, holds the rows while training. Concurrent runs wait for the one that encodes (a lock);
+a new hash replaces the older encodings."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from mtl import paths
+from mtl.config import Params
+from mtl.engine.encoders import Moments, Preprocessor
+from mtl.engine.store import encode_split, open_split
+from mtl.engine.tasks import Task
+from mtl.engine.trainer import TaskData
+from mtl.errors import UserError
+from mtl.io import atomic_path, read_json, scan_table
+
+ENGINE_CODE = Path(__file__).resolve().parents[1] / "engine"
+ROOT = paths.WORK_DIR / "encoded"
+PREPROCESSING = "preprocessing.json"
+
+
+def file_digest(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
+
+
+def data_fingerprint(params: Params) -> str:
+    """SHA-256 of what the encoded splits depend on."""
+    digest = hashlib.sha256()
+    config = {"encoders": params.encoders.model_dump(),
+              "tasks": {k: v.model_dump() for k, v in params.data.tasks.items()}}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for path in [paths.split_path("train"), paths.split_path("val"), paths.SCHEMA, Path(__file__),
+                 *sorted(ENGINE_CODE.glob("*.py"))]:
+        digest.update(file_digest(path))
+    return digest.hexdigest()
+
+
+def load(params: Params, schema: dict) -> tuple[Preprocessor, list[Task], TaskData, TaskData]:
+    """The fitted preprocessing, the tasks, and the train and val splits, memory-mapped;
+    encoded first unless an earlier run encoded the same inputs."""
+    key = data_fingerprint(params)[:16]
+    root = ROOT / key
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with open(ROOT / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / PREPROCESSING).is_file():
+            _encode(params, schema, root)
+            for other in ROOT.iterdir():
+                if other.is_dir() and other.name != key:
+                    shutil.rmtree(other, ignore_errors=True)
+    state = read_json(root / PREPROCESSING)
+    return (Preprocessor.from_state(state["preprocessor"]), [Task.from_state(t) for t in state["tasks"]],
+            open_split(root / "train"), open_split(root / "val"))
+
+
+def _encode(params: Params, schema: dict, root: Path) -> None:
+    enc = params.encoders
+    train = scan_table(paths.split_path("train"))
+    targets = {spec["target"]: Moments() for spec in schema["tasks"].values()
+               if spec["kind"] == "regression"}
+
+    def chunks():
+        for batch in train.batches():
+            for column, moments in targets.items():
+                moments.update(batch[column].to_numpy(zero_copy_only=False).astype("float64"))
+            yield batch
+
+    preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text, enc.hashing.model_dump())
+    tasks = [task_from_schema(name, schema, targets) for name in params.data.tasks]
+    shutil.rmtree(root, ignore_errors=True)  # what an interrupted run left
+    for split in ("train", "val"):
+        encode_split(scan_table(paths.split_path(split)).batches(), preprocessor, tasks, root / split)
+    with atomic_path(root / PREPROCESSING) as tmp:
+        tmp.write_text(json.dumps({"preprocessor": preprocessor.state(),
+                                   "tasks": [t.state() for t in tasks]}), encoding="utf-8")
+
+
+def task_from_schema(name: str, schema: dict, targets: dict[str, Moments]) -> Task:
+    """The engine's task; a regression target is standardised with train-split statistics
+    (``targets``: the moments of each regression target column)."""
+    spec = schema["tasks"][name]
+    if spec["kind"] == "multilabel":
+        return Task(name, "multilabel", tuple(spec["target"]), classes=tuple(spec["labels"]))
+    if spec["kind"] != "regression":
+        return Task(name, spec["kind"], spec["target"], classes=tuple(spec["classes"]))
+    moments = targets[spec["target"]]
+    if moments.count == 0:
+        raise UserError(f"data.tasks.{name}.target: no labelled row in the train split")
+    return Task(name, "regression", spec["target"], mean=moments.mean,
+                std=moments.std if moments.std > 0 else 1.0)
