@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torchjd import aggregation
 
 from mtl.engine import WEIGHTING_OPTIONS, archs, weighting
 from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
@@ -144,7 +145,7 @@ def test_mgda_over_the_features_weighs_the_representation_gradients():
     features = 2 * x  # the shared representation
     h = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # d L_k / d features = h_k
     losses = heads * (h @ features)
-    used = build("mgda", level="features").backward(losses, Step([x], features))
+    used = build("mgda", level="features").backward(losses, Step([x], features, head_params=[heads]))
     alpha = torch.tensor([0.2, 0.8])  # closed form: ((h2 - h1) . h2) / |h1 - h2|^2 = 1/5
     assert torch.allclose(used, alpha, atol=1e-5)
     assert torch.allclose(x.grad, 2 * alpha @ h, atol=1e-5)  # through the trunk: 2 sum alpha_k h_k
@@ -163,7 +164,8 @@ def test_over_an_identity_trunk_both_levels_give_the_same_update(name):
         x, heads = nn.Parameter(torch.tensor([1.0, -0.5, 2.0])), nn.Parameter(torch.ones(3))
         features = x * 1.0
         torch.manual_seed(0)  # pcgrad's random order
-        used = build(name, level=level).backward(heads * (h @ features), Step([x], features))
+        used = build(name, level=level).backward(heads * (h @ features),
+                                                 Step([x], features, head_params=[heads]))
         return x.grad, heads.grad, used
 
     (params_grad, params_heads, params_used), (grad, heads_grad, used) = update("params"), update("features")
@@ -178,6 +180,20 @@ def test_pcgrad_removes_the_conflicting_components():
     # The paper's update is the sum (not the mean) of the projected gradients; so is torchjd's.
     expected = g1 - (g1 @ g2) / (g2 @ g2) * g2 + g2 - (g2 @ g1) / (g1 @ g1) * g1
     assert torch.allclose(grad, expected)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cagrad_updates_match_torchjds_cvxpy_solver(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 2 + seed % 4
+    grads = torch.randn(k, 12, generator=g, dtype=torch.float64)
+    grads[0] *= 0.1 + 10 * torch.rand(1, generator=g, dtype=torch.float64)
+    if seed % 3 == 0:  # two strongly conflicting tasks
+        grads[1] = -0.5 * grads[0] + 0.1 * torch.randn(12, generator=g, dtype=torch.float64)
+    gramian = grads @ grads.T
+    ours = build("cagrad", level="params").aggregator.gramian_weighting(gramian) @ grads
+    reference = aggregation.CAGrad(c=0.4).gramian_weighting(gramian) @ grads
+    assert torch.allclose(ours, reference, rtol=1e-3, atol=1e-3 * float(reference.norm()))
 
 
 def test_cagrad_is_the_mean_gradient_for_c_zero_and_improves_the_worst_task_otherwise():
@@ -258,8 +274,8 @@ def test_without_shared_parameters_the_losses_are_summed(name):
 # --- options and training -------------------------------------------------------------------------
 
 def test_options_reach_the_method_and_unknown_ones_raise():
-    assert build("cagrad", c=0.1).aggregator.c == 0.1
-    assert build("cagrad").aggregator.c == WEIGHTING_OPTIONS["cagrad"]["c"]
+    assert build("cagrad", c=0.1).aggregator.gramian_weighting.c == 0.1
+    assert build("cagrad").aggregator.gramian_weighting.c == WEIGHTING_OPTIONS["cagrad"]["c"]
     assert build("dwa", temperature=5.0).temperature == 5.0
     with pytest.raises(ValueError, match="no option cc"):
         build("cagrad", cc=0.1)

@@ -66,17 +66,17 @@ def mean_over_processes(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def whole_batch_losses(losses: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-    """This process's task losses (means over its ``labelled`` rows, per task) -> losses whose
-    gradient, averaged over the processes, is that of the whole batch's mean losses, and whose
-    values are the whole batch's mean losses."""
+def whole_batch_losses(losses: list[torch.Tensor], labelled: torch.Tensor) -> list[torch.Tensor]:
+    """This process's task losses (each a mean over its ``labelled`` rows of the task) -> losses
+    whose gradients, averaged over the processes, are those of the whole batch's mean losses,
+    and whose values are the whole batch's mean losses."""
     processes = world()[0]
-    counts = labelled.to(losses.dtype)
-    sums = torch.stack([counts, losses.detach() * counts])
-    dist.all_reduce(sums)  # [labelled rows of the whole batch, sum of the per-row losses]
+    counts = labelled.to(losses[0].dtype)
+    sums = torch.stack([counts, torch.stack([loss.detach() for loss in losses]) * counts])
+    dist.all_reduce(sums)  # [labelled rows of the whole batch, sums of their losses], per task
     totals = sums[0].clamp(min=1)
-    scaled = losses * (processes * counts / totals)
-    return scaled + (sums[1] / totals - scaled).detach()
+    factors, means = (processes * counts / totals).tolist(), (sums[1] / totals).tolist()
+    return [loss * f + (m - loss.detach() * f) for loss, f, m in zip(losses, factors, means)]
 
 
 def from_main(value):

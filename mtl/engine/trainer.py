@@ -166,8 +166,12 @@ def deterministic_algorithms(enabled: bool, device: torch.device) -> Iterator[No
         cudnn.deterministic, cudnn.benchmark = saved[2:]
 
 
+def each_task_loss(outputs: dict[str, torch.Tensor], tasks: Sequence[Task], data: TaskData) -> list[torch.Tensor]:
+    return [t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name]) for t in tasks]
+
+
 def task_losses(outputs: dict[str, torch.Tensor], tasks: Sequence[Task], data: TaskData) -> torch.Tensor:
-    return torch.stack([t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name]) for t in tasks])
+    return torch.stack(each_task_loss(outputs, tasks, data))
 
 
 @torch.no_grad()
@@ -276,6 +280,7 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
     shared = model.shared_parameters()
+    heads = [p for p in model.parameters() if all(p is not q for q in shared)]
     # Clipping is per selection group, so that STL's networks stay independent of each other.
     clipped = [list(module.parameters()) for _, module in groups] if options.clip_grad_norm else []
     best = [(math.inf, -1, None)] * len(groups)  # (val loss, epoch, state) per group
@@ -310,14 +315,16 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     batch = batch.to(device)
                 with sync():
                     outputs, features = forward(batch.inputs)
-                    losses = task_losses(outputs, tasks, batch)
+                    each = each_task_loss(outputs, tasks, batch)
                     if processes > 1:
-                        losses = distributed.whole_batch_losses(losses, torch.stack(
+                        each = distributed.whole_batch_losses(each, torch.stack(
                             [batch.masks[t.name].sum() for t in tasks]))
+                    losses = torch.stack(each)
                     values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
                     finite = all(map(math.isfinite, values))
                     if finite:
-                        step = Step(shared, features, epoch, processes, distributed.mean_over_processes)
+                        step = Step(shared, features, epoch, heads, each, processes,
+                                    distributed.mean_over_processes)
                         step_weights.append(weighting.backward(losses, step) if k == 1
                                             else _backward_alone(weighting, losses, step, params))
                 if finite:
