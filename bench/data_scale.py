@@ -5,8 +5,9 @@
 Makes the table with ``bench/synthetic.py`` (or reuses ``--table``), then in a temporary
 project runs ``mtl ingest``, ``mtl augment --set augment.copies=0`` and ``mtl split`` as
 subprocesses, each under ``/usr/bin/time`` for its wall time and peak RSS. The bare baseline,
-run the same way: a ``pyarrow.dataset`` scan of the table written back with ``ParquetWriter``
-(same batch size, row groups and encodings as the stages: the I/O floor of one pass). Then, on
+run the same way: the table read row group by row group (``ParquetFile.iter_batches``, as the
+stages read) and written back with ``ParquetWriter`` (same batch size, row groups and encodings
+as the stages: the I/O floor of one pass). Then, on
 ``--aug-rows`` rows, ``mtl augment`` with ``augment.copies=1``. Prints a Markdown table and
 writes bench/results/data-scale-<host>.json.
 """
@@ -35,12 +36,11 @@ from mtl.io import BATCH_ROWS
 
 MTL = Path(sys.executable).parent / "mtl"
 BASELINE = f"""
-import sys, pyarrow as pa, pyarrow.dataset as ds, pyarrow.parquet as pq
-options = ds.ParquetFragmentScanOptions(pre_buffer=False)
-source = ds.dataset(sys.argv[1], format=ds.ParquetFileFormat(default_fragment_scan_options=options))
-dictionary = [f.name for f in source.schema if not pa.types.is_floating(f.type)]
-with pq.ParquetWriter(sys.argv[2], source.schema, use_dictionary=dictionary) as writer:
-    for batch in source.to_batches(batch_size={BATCH_ROWS}, batch_readahead=2, fragment_readahead=1):
+import sys, pyarrow as pa, pyarrow.parquet as pq
+source = pq.ParquetFile(sys.argv[1], pre_buffer=False)
+dictionary = [f.name for f in source.schema_arrow if not pa.types.is_floating(f.type)]
+with pq.ParquetWriter(sys.argv[2], source.schema_arrow, use_dictionary=dictionary) as writer:
+    for batch in source.iter_batches(batch_size={BATCH_ROWS}):
         writer.write_table(pa.Table.from_batches([batch]))
 """
 

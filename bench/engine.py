@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mtl.engine import WEIGHTINGS, archs, weighting
+from mtl.engine import WEIGHTING_OPTIONS, WEIGHTINGS, archs, weighting
 from mtl.engine.encoders import TabularEncoder
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit
@@ -113,7 +113,9 @@ def compare_loops(rows: int, repeats: int) -> dict:
             **{f"median_{key}": statistics.median(r[key] for r in runs) for key in runs[0]}}
 
 
-METHODS = [(name, {}) for name in WEIGHTINGS] + [("mgda", {"level": "features"})]
+# Every method with its defaults, and the gradient methods that have one at the representation level.
+METHODS = [(name, {}) for name in WEIGHTINGS] + [
+    (name, {"level": "features"}) for name in WEIGHTINGS if "level" in WEIGHTING_OPTIONS[name]]
 
 
 def label(name: str, opts: dict) -> str:

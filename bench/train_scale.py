@@ -19,7 +19,7 @@
    (``level: features``), with the parameter level of ``mgda`` and ``upgrad`` for reference.
 
 The model is ``params.yaml``'s default ``hps``: the feature encoder, a [64, 64] trunk and [32]
-towers. Prints Markdown tables and writes bench/results/train-scale-<host>.json.
+towers. Prints Markdown tables and writes bench/results/train-scale-<rows>-<host>.json.
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def main() -> None:
         encode_split(scan_table(table).batches(), preprocessor, tasks, Path(tmp) / "encoded")
         encode_s = time.perf_counter() - start
         data = open_split(Path(tmp) / "encoded")
+        rows = len(data)
         encoded_mib = sum(f.stat().st_size for f in (Path(tmp) / "encoded").glob("*.npy")) / 2**20
         memory["encoded"] = rss_mib()
         build = lambda ts: (torch.manual_seed(0), archs.build(
@@ -162,7 +163,6 @@ def main() -> None:
     other = (busy_cpu_s() - busy - (own_cpu_s() - own)) / total
     machine |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
                 "total_s": round(total, 1)}
-    rows = len(data)
     print(f"Training at scale on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); {rows:,} rows, batch {args.batch}\n")
     print(f"Streaming fit {fit_s:.1f} s, encoding {encode_s:.1f} s ({rows / encode_s:,.0f} rows/s) "
@@ -182,7 +182,7 @@ def main() -> None:
     for m, r in per_method.items():
         print(f"| {m} | {r['ratio']:.2f}× | {r['step_ms']:.1f} |")
     print(f"\nTotal {machine['total_s']} s; other processes kept {machine['other_load_cores']:.2f} cores busy.")
-    out = REPO / "bench" / "results" / f"train-scale-{platform.node() or 'host'}.json"
+    out = REPO / "bench" / "results" / f"train-scale-{rows}-{platform.node() or 'host'}.json"
     out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
                                "fit_s": fit_s, "encode_s": encode_s, "encoded_mib": encoded_mib,
                                "memory_mib": memory, "epoch": epoch, "methods": per_method}, indent=2) + "\n")

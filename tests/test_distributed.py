@@ -35,13 +35,14 @@ def test_two_processes_train_what_one_does(weights, name):
 
 def test_torchrun_runs_the_train_stage_in_two_processes(tmp_path):
     """``mtl train`` under torchrun: rank 0 writes the model and logs, which match a
-    one-process run of the same variant and seed; evaluate reads them as usual."""
+    one-process run of the same variant and seed; evaluate reads them as usual; both runs
+    train from the same encoded splits."""
     root = copy_project(tmp_path)
     edit_params(root, lambda p: (p["train"].update(FAST, batch_size=64), p.update(seeds=[0])))
     commit(root, "fast training")
     for stage in ("ingest", "augment", "split"):
         run(["mtl", stage], root)
-    results = {}
+    results, encodings = {}, []
     for processes, launch in ((1, ["mtl"]), (2, [sys.executable, "-m", "torch.distributed.run",
                                                  "--standalone", "--nproc-per-node", "2", "-m", "mtl"])):
         run([*launch, "train", "--variant", "hps-ew", "--seed", "0", "--fresh"], root)
@@ -51,6 +52,9 @@ def test_torchrun_runs_the_train_stage_in_two_processes(tmp_path):
         metrics = json.loads((root / "metrics/variants/hps-ew/seed-0.json").read_text())
         results[processes] = torch.load(root / "models/hps-ew/seed-0/model.pt", weights_only=True), metrics
         assert (root / "dvclive/hps-ew/seed-0/metrics.json").is_file()
+        encodings.append({(d.name, (d / "train" / "manifest.json").stat().st_mtime_ns)
+                          for d in (root / ".mtl/encoded").iterdir() if d.is_dir()})
+    assert len(encodings[0]) == 1 and encodings[1] == encodings[0]  # encoded once, then reused
     (one, metrics_one), (two, metrics_two) = results[1], results[2]
     for key, value in one["state_dict"].items():
         assert torch.allclose(value, two["state_dict"][key], rtol=1e-4, atol=1e-5), key

@@ -323,8 +323,9 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
                     finite = all(map(math.isfinite, values))
                     if finite:
-                        step = Step(shared, features, epoch, heads, each, processes,
-                                    distributed.mean_over_processes)
+                        step = Step(shared, features, epoch, head_params=heads, task_losses=each,
+                                    processes=processes,
+                                    mean_over_processes=distributed.mean_over_processes)
                         step_weights.append(weighting.backward(losses, step) if k == 1
                                             else _backward_alone(weighting, losses, step, params))
                 if finite:
