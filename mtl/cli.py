@@ -78,6 +78,7 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
                               "inputs from its last checkpoint (under .mtl/runs/).")] = False) -> None:
     """Train one variant per seed -> models/<variant>/seed-<seed>/ and dvclive/<variant>/seed-<seed>/."""
     with user_errors():
+        from mtl.engine import distributed
         from mtl.stages import train as stage
         from mtl.stages.common import seeds_of
 
@@ -86,7 +87,7 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
         for s in seeds_of(loaded, seed):
             with stage_lock(f"train@{variant}-{s}") if main else contextlib.nullcontext():
                 stage.run(loaded, variant, s, resume=not fresh)
-        stage.distributed.stop()
+        distributed.stop()
 
 
 @app.command()

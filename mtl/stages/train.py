@@ -72,7 +72,8 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     except ValueError as exc:
         raise UserError(f"train.precision: {exc}") from None
     enc = params.encoders
-    preprocessor, tasks, train, val = encoded.load(params, schema)
+    data_key = encoded.data_fingerprint(params)
+    preprocessor, tasks, train, val = encoded.load(params, schema, data_key)
     layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
               "options": spec.arch_options}
     info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
@@ -86,7 +87,7 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
         raise UserError(f"variants.{variant}: {exc}") from None
     work = paths.run_dir(variant, seed)
     checkpoint, stamp = work / "checkpoint.pt", work / "inputs.sha256"
-    inputs = fingerprint(params, variant, seed)
+    inputs = fingerprint(params, variant, seed, data_key)
     resume = resume and checkpoint.is_file() and stamp.is_file() and stamp.read_text() == inputs
     resume = distributed.from_main(resume)
     if not resume and main:
@@ -158,10 +159,11 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
           f"{device}, best epochs {result.best_epochs} -> {out / 'model.pt'}")
 
 
-def fingerprint(params: Params, variant: str, seed: int) -> str:
-    """SHA-256 of everything a training run depends on: its params, the splits and schema it
-    reads, and the engine's source code."""
-    digest = hashlib.sha256(encoded.data_fingerprint(params).encode())
+def fingerprint(params: Params, variant: str, seed: int, data_key: str) -> str:
+    """SHA-256 of everything a training run depends on: its params, its data (``data_key``:
+    ``encoded.data_fingerprint``, of the splits, schema, encoders and engine code) and this
+    stage's code."""
+    digest = hashlib.sha256(data_key.encode())
     config = {"variant": params.variants[variant].model_dump(), "seed": seed,
               "train": params.variant_train(variant).model_dump()}
     digest.update(json.dumps(config, sort_keys=True).encode())
