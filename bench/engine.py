@@ -171,6 +171,37 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+class Machine:
+    """The machine a torch benchmark runs on, and how busy other processes keep it meanwhile:
+    ``info`` at the start, completed by ``finish()``."""
+
+    def __init__(self):
+        self.info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "torch": str(torch.__version__), "python": platform.python_version(),
+                     "load_average_before": os.getloadavg()[0]}
+        self._start, self._busy, self._own = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+
+    def finish(self) -> dict:
+        wall = time.perf_counter() - self._start
+        # Cores kept busy by anything but this benchmark: other processes, the hypervisor (steal).
+        other = (busy_cpu_s() - self._busy - (own_cpu_s() - self._own)) / wall
+        self.info |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
+                      "total_s": round(wall, 1)}
+        return self.info
+
+
+def print_loops(loops: dict) -> dict:
+    """The per-repeat table of ``trainer`` against the bare loops; returns the medians."""
+    median = {k[7:]: v for k, v in loops.items() if k.startswith("median_")}
+    print("| repeat | trainer s | bare loop s | bare loop, fused AdamW s | trainer / bare | "
+          "trainer / bare fused |")
+    print("|---|---|---|---|---|---|")
+    for i, run in enumerate([*loops["runs"], median]):
+        print(f"| {i if i < len(loops['runs']) else 'median'} | {run['trainer']:.2f} | {run['bare']:.2f} | "
+              f"{run['bare_fused']:.2f} | {run['ratio']:.3f} | {run['ratio_fused']:.3f} |")
+    return median
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -178,28 +209,16 @@ def main() -> None:
     parser.add_argument("--method-steps", type=int, default=40)
     parser.add_argument("--method-repeats", type=int, default=5)
     args = parser.parse_args()
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": str(torch.__version__), "python": platform.python_version(),
-               "load_average_before": os.getloadavg()[0]}
-    start, busy, own = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+    measured = Machine()
     loops = compare_loops(args.rows, args.repeats)
     methods = compare_methods([2, 4, 8], args.method_steps, args.method_repeats)
-    wall = time.perf_counter() - start
-    # Cores kept busy by anything but this benchmark: other processes, the hypervisor (steal).
-    other = (busy_cpu_s() - busy - (own_cpu_s() - own)) / wall
-    machine |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
-                "total_s": round(wall, 1)}
+    machine = measured.finish()
 
     print(f"Engine on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads)\n")
     print(f"(a) One epoch of hps + ew, {loops['rows']} rows x {FEATURES} features, 3 tasks, "
           f"batch {BATCH} ({loops['steps']} steps), AdamW\n")
-    print("| repeat | trainer s | bare loop s | bare loop, fused AdamW s | trainer / bare | "
-          "trainer / bare fused |")
-    print("|---|---|---|---|---|---|")
-    for i, run in enumerate([*loops["runs"], {k[7:]: v for k, v in loops.items() if k.startswith("median_")}]):
-        print(f"| {i if i < len(loops['runs']) else 'median'} | {run['trainer']:.2f} | {run['bare']:.2f} | "
-              f"{run['bare_fused']:.2f} | {run['ratio']:.3f} | {run['ratio_fused']:.3f} |")
+    print_loops(loops)
     print()
     ks = list(methods)
     print(f"(b) Step time relative to ew (batch {BATCH}, hps {HIDDEN}, K regression tasks; "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -41,12 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.engine import (
+    Machine,
     bare_epoch,
-    busy_cpu_s,
-    cpu_model,
     label,
     method_step,
-    own_cpu_s,
+    print_loops,
     trainer_epoch,
 )
 from bench.synthetic import write as write_synthetic
@@ -137,10 +135,7 @@ def main() -> None:
     parser.add_argument("--method-repeats", type=int, default=3)
     parser.add_argument("--table", type=Path, help="reuse this table of bench/synthetic.py")
     args = parser.parse_args()
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": str(torch.__version__), "python": platform.python_version(),
-               "load_average_before": os.getloadavg()[0]}
-    wall, busy, own = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+    measured = Machine()
     with tempfile.TemporaryDirectory(dir=REPO / ".mtl" if (REPO / ".mtl").is_dir() else None) as tmp:
         table = args.table or Path(tmp) / "table.parquet"
         if args.table is None:
@@ -159,22 +154,14 @@ def main() -> None:
         epoch = loops(data, tasks, build, args.batch, args.repeats)
         memory["trained"] = rss_mib()
         per_method = methods(data, tasks, build, args.batch, args.method_steps, args.method_repeats)
-    total = time.perf_counter() - wall
-    other = (busy_cpu_s() - busy - (own_cpu_s() - own)) / total
-    machine |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
-                "total_s": round(total, 1)}
+    machine = measured.finish()
     print(f"Training at scale on {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
           f"({machine['torch_threads']} threads); {rows:,} rows, batch {args.batch}\n")
     print(f"Streaming fit {fit_s:.1f} s, encoding {encode_s:.1f} s ({rows / encode_s:,.0f} rows/s) "
           f"into {encoded_mib:.0f} MiB of .npy; RssAnon {memory['start']['RssAnon']:.0f} -> "
           f"{memory['encoded']['RssAnon']:.0f} -> {memory['trained']['RssAnon']:.0f} MiB "
           f"(RssFile after training {memory['trained']['RssFile']:.0f} MiB)\n")
-    print("| repeat | trainer s | bare loop s | bare loop, fused AdamW s | trainer / bare | trainer / bare fused |")
-    print("|---|---|---|---|---|---|")
-    median = {k[7:]: v for k, v in epoch.items() if k.startswith("median_")}
-    for i, run in enumerate([*epoch["runs"], median]):
-        print(f"| {i if i < len(epoch['runs']) else 'median'} | {run['trainer']:.2f} | {run['bare']:.2f} | "
-              f"{run['bare_fused']:.2f} | {run['ratio']:.3f} | {run['ratio_fused']:.3f} |")
+    median = print_loops(epoch)
     print(f"\nSamples/s (median): trainer {rows / median['trainer']:,.0f}, bare loop "
           f"{rows / median['bare']:,.0f}, bare loop with fused AdamW {rows / median['bare_fused']:,.0f}\n")
     print("| method | step time / ew | step ms |")
