@@ -13,7 +13,8 @@ REPORT = Path("reports/compare.md")
 PLOTS_DIR = Path("reports/plots")  # report: the PNG images
 FULL_REPORT = Path("reports/report.md")  # report: comparison, plots and affinity in Markdown
 REPORT_HTML = Path("reports/index.html")  # report: the same as a web page
-WORK_DIR = Path(".mtl")  # scratch space of unfinished runs and stage locks; never tracked
+WORK_DIR = Path(".mtl")  # scratch space of unfinished runs, stage locks, encoded splits; never tracked
+ENCODED_DIR = WORK_DIR / "encoded"  # train: the splits encoded once, one folder per data hash
 
 # Reserved columns written by ingest and augment.
 ID = "_id"  # stable key of the row

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tests import ddp_fit
-from tests.ddp_fit import CONFIGS
 from tests.helpers import REPO, run
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params
 
@@ -21,10 +20,10 @@ def weights(tmp_path_factory):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(REPO / "tests" / "ddp_fit.py"), str(two)], cwd=REPO)
     load = lambda d, name: torch.load(d / f"{name}.pt", weights_only=True)
-    return load(one, "initial"), {name: (load(one, name), load(two, name)) for name, *_ in CONFIGS}
+    return load(one, "initial"), {name: (load(one, name), load(two, name)) for name, *_ in ddp_fit.CONFIGS}
 
 
-@pytest.mark.parametrize("name", [name for name, *_ in CONFIGS])
+@pytest.mark.parametrize("name", [name for name, *_ in ddp_fit.CONFIGS])
 def test_two_processes_train_what_one_does(weights, name):
     initial, trained = weights
     one, two = trained[name]

@@ -27,7 +27,6 @@ from mtl.errors import UserError
 from mtl.io import atomic_path, read_json, scan_table
 
 ENGINE_CODE = Path(__file__).resolve().parents[1] / "engine"
-ROOT = paths.WORK_DIR / "encoded"
 PREPROCESSING = "preprocessing.json"
 
 
@@ -53,13 +52,13 @@ def load(params: Params, schema: dict, data_key: str) -> tuple[Preprocessor, lis
     encoded first unless an earlier run encoded the same inputs (``data_key``:
     ``data_fingerprint(params)``)."""
     key = data_key[:16]
-    root = ROOT / key
-    ROOT.mkdir(parents=True, exist_ok=True)
-    with open(ROOT / "lock", "a") as lock:
+    root = paths.ENCODED_DIR / key
+    paths.ENCODED_DIR.mkdir(parents=True, exist_ok=True)
+    with open(paths.ENCODED_DIR / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not (root / PREPROCESSING).is_file():
             _encode(params, schema, root)
-            for other in ROOT.iterdir():
+            for other in paths.ENCODED_DIR.iterdir():
                 if other.is_dir() and other.name != key:
                     shutil.rmtree(other, ignore_errors=True)
     state = read_json(root / PREPROCESSING)
