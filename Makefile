@@ -33,7 +33,8 @@ setup: $(VENV)/.installed dvc-init  ## create .venv, install pinned deps, initia
 
 setup-dev: $(VENV)/.installed-dev dvc-init
 
-run: setup  ## run the whole pipeline (only what changed) and print the comparison
+run: setup  ## check params.yaml, run the whole pipeline (only what changed), print the comparison
+	$(BIN)/mtl check
 	dvc repro
 	@cat reports/compare.md
 	@echo "Full report with plots: reports/index.html (Markdown: reports/report.md)"

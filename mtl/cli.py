@@ -53,6 +53,13 @@ def run_stage(name: str, params: Path, set_: list[str] | None) -> None:
 
 
 @app.command()
+def check(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Validate the whole params file -> data/checked/params.ok (every stage depends on it, so a bad
+    file stops `dvc repro` before DVC deletes any output)."""
+    run_stage("check", params, set_)
+
+
+@app.command()
 def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Raw data (data.source) -> data/ingested/table.parquet + schema.json."""
     run_stage("ingest", params, set_)

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtl.engine import ARCH_OPTIONS, ARCHITECTURES, TASK_KINDS, WEIGHTING_OPTIONS, WEIGHTINGS
@@ -359,7 +358,7 @@ def describe_error(exc: ValidationError, prefix: str = "") -> str:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place (value parsed as YAML)."""
+    """Apply one ``a.b.c=value`` override in place (value parsed as YAML 1.2, as the file is)."""
     key, sep, value = assignment.partition("=")
     if not sep or not key:
         raise UserError(f"--set {assignment}: expected KEY=VALUE, e.g. train.epochs=5")
@@ -369,41 +368,74 @@ def apply_override(raw: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"--set {key}: '{part}' is not a section")
+    node[leaf] = parse_yaml(value, f"--set {key}")
+
+
+MAX_VALUES = 100_000
+"""Values a params file may hold once its aliases are expanded: far above any real file, far
+below what a "billion laughs" alias bomb expands to."""
+
+
+def parse_yaml(text: str, where: str) -> object:
+    """``text`` read as DVC reads params.yaml: ruamel.yaml's safe loader, YAML 1.2 (``1e-1`` is a
+    number, ``yes`` and ``on`` are strings, ``0o17`` is 15), a key given twice is an error. Aliases
+    are allowed, but not more than ``MAX_VALUES`` values once expanded, nor a cycle."""
+    from ruamel.yaml import YAML, YAMLError
+
     try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise UserError(f"--set {key}: value '{value}' is not valid YAML") from None
+        value = YAML(typ="safe").load(text)
+    except YAMLError as exc:
+        raise UserError(f"{where}: not valid YAML{_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise UserError(f"{where}: not valid YAML (nested too deeply)") from None
+    _count_values(value, where, {})
+    return value
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+def _yaml_problem(exc: Exception) -> str:
+    """`` (line N: what)`` for a parser error, e.g. `` (line 7: key 'hps' appears twice)``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = str(getattr(exc, "problem", "") or "")
+    duplicate = re.match(r'found duplicate key "(.*)" with value', problem)
+    if duplicate:
+        problem = f"key '{duplicate[1]}' appears twice"
+    if mark is None:
+        return f" ({problem})" if problem else ""
+    return f" (line {mark.line + 1}: {problem})" if problem else f" (line {mark.line + 1})"
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+
+def _count_values(value: object, where: str, counted: dict[int, int]) -> int:
+    """The number of values in ``value`` with aliases expanded; a shared mapping or list is
+    counted once per use but walked once, so an alias bomb is refused without expanding it."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    known = counted.get(id(value))
+    if known == -1:
+        raise UserError(f"{where}: not valid YAML (an alias refers to a mapping or list it is in)")
+    if known is not None:
+        return known
+    counted[id(value)] = -1
+    total = 1 + sum(_count_values(v, where, counted)
+                    for v in (value.values() if isinstance(value, dict) else value))
+    if total > MAX_VALUES:
+        raise UserError(f"{where}: more than {MAX_VALUES:,} values once its aliases are expanded "
+                        "(an alias bomb?)")
+    counted[id(value)] = total
+    return total
 
 
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read, override and validate the params file."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a safe loader
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid YAML (not UTF-8 text)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({exc.strerror})") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        if "appears twice" in str(getattr(exc, "problem", "")):
-            where = f" (line {line + 1}: {exc.problem})"
-        raise UserError(f"{path}: not valid YAML{where}") from None
+    raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+CHECKED = Path("data/checked/params.ok")  # check: its stamp, which every other stage depends on
 INGESTED = Path("data/ingested/table.parquet")
 SCHEMA = Path("data/ingested/schema.json")
 AUGMENTED = Path("data/augmented/table.parquet")

@@ -70,3 +70,47 @@ def test_method_options_reach_the_variant(tmp_path: Path, raw: dict) -> None:
     variant = load_params(write(tmp_path, raw)).variants["x"]
     assert variant.arch_options == {"experts": 2}
     assert variant.weighting_options == {"c": 1}  # an int is accepted for a float option
+
+
+# -- one YAML dialect: DVC's (ruamel.yaml's safe loader, YAML 1.2) --------------------------------
+
+DIALECT = {  # text -> the value YAML 1.2 gives (PyYAML's YAML 1.1 gives the comment's)
+    "1e-1": 0.1,  # '1e-1', a string
+    "yes": "yes",  # True
+    "on": "on",  # True
+    "0o17": 15,  # '0o17', a string
+    ".5": 0.5,  # 0.5 in both
+}
+
+
+@pytest.mark.parametrize(("text", "value"), DIALECT.items())
+def test_params_read_as_dvc_reads_them(tmp_path: Path, text: str, value: object) -> None:
+    from dvc.utils.serialize import parse_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"x: {text}\n", encoding="utf-8")
+    assert parse_yaml(path.read_text(), str(path)) == {"x": value}  # DVC's own reader
+    raw: dict = {}
+    apply_override(raw, f"x={text}")  # --set values alike
+    assert raw == {"x": value}
+
+
+def test_yaml_12_values_reach_the_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    text = DEFAULT_PARAMS.read_text(encoding="utf-8").replace("  salt: mtl ", "  salt: yes ")
+    text = text.replace("  seed: 0\n", "  seed: 0o17\n")
+    text = text.replace("\nvariants:", "\nvariants:\n  cagrad: {arch: hps, weighting: cagrad, "
+                        "weighting_options: {c: 1e-1}}")
+    path.write_text(text, encoding="utf-8")
+    params = load_params(path, ["variants.cagrad.train.dropout=.5"])
+    assert params.variants["cagrad"].weighting_options == {"c": 0.1}
+    assert params.split.salt == "yes" and params.augment.seed == 15
+    assert params.variant_train("cagrad").dropout == 0.5
+
+
+def test_aliases_are_expanded_within_a_bound(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    text = DEFAULT_PARAMS.read_text(encoding="utf-8").replace("  hidden: [64, 64]", "  hidden: &w [64, 64]")
+    text = text.replace("\nvariants:", "\nvariants:\n  wide: {arch: hps, train: {hidden: *w}}")
+    path.write_text(text, encoding="utf-8")
+    assert load_params(path).variant_train("wide").hidden == [64, 64]

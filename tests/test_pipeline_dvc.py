@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from mtl import paths
-from tests.helpers import REPO, run
+from tests.helpers import BIN, REPO, env, run
 
 pytestmark = pytest.mark.slow
 FAST = {"epochs": 4, "patience": 0, "hidden": [16], "head_hidden": [8]}
@@ -61,10 +62,20 @@ def project(tmp_path_factory):
     return root, ran
 
 
+@pytest.fixture
+def restored_params(project):
+    """The project, its params.yaml restored after the test (so tests may run in any order)."""
+    root, _ = project
+    original = (root / "params.yaml").read_text()
+    yield root
+    (root / "params.yaml").write_text(original)
+    repro(root)  # the outputs of the original params again (mostly from DVC's run-cache)
+
+
 def test_repro_runs_every_stage_and_compares_variants_over_seeds(project):
     root, ran = project
     variants = ["stl", "hps-ew", "hps-static"]
-    assert ran == {"ingest", "augment", "split", "compare", "report",
+    assert ran == {"check", "ingest", "augment", "split", "compare", "report",
                    *(f"{stage}@{v}-{s}" for stage in ("train", "evaluate") for v in variants for s in (0, 1))}
     result = json.loads((root / paths.COMPARE_JSON).read_text())
     assert set(result) == set(variants)
@@ -87,15 +98,15 @@ def test_repro_runs_every_stage_and_compares_variants_over_seeds(project):
     assert not (root / ".mtl/runs/hps-ew/seed-1").exists()  # a finished run leaves no checkpoint
 
 
-def test_nothing_reruns_then_one_variant_or_seed_change_reruns_only_it(project):
-    root, _ = project
+def test_nothing_reruns_then_one_variant_or_seed_change_reruns_only_it(restored_params):
+    root = restored_params
     assert repro(root) == set()
     assert "up to date" in run(["dvc", "status"], root).stdout
     edit_params(root, lambda p: p["variants"]["hps-static"]["weights"].update(body_mass=2.0))
-    assert repro(root) == {"train@hps-static-0", "train@hps-static-1", "evaluate@hps-static-0",
-                           "evaluate@hps-static-1", "compare", "report"}
+    assert repro(root) == {"check", "train@hps-static-0", "train@hps-static-1",
+                           "evaluate@hps-static-0", "evaluate@hps-static-1", "compare", "report"}
     edit_params(root, lambda p: p.update(seeds=[0, 1, 2]))
-    assert repro(root) == {"compare", "report", *(f"{stage}@{v}-2" for stage in ("train", "evaluate")
+    assert repro(root) == {"check", "compare", "report", *(f"{stage}@{v}-2" for stage in ("train", "evaluate")
                                         for v in ("stl", "hps-ew", "hps-static"))}
     assert len(json.loads((root / paths.COMPARE_JSON).read_text())["hps-ew"]["delta_m"]["per_seed"]) == 3
     assert repro(root) == set()
@@ -137,7 +148,7 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
                                 "score": {"kind": "regression", "target": "score"}}),
         p["train"].update(FAST), p.update(seeds=[0]), p["variants"].pop("hps-static")))
     commit(root, "own data")
-    assert repro(root, "split") == {"ingest", "augment", "split"}  # training is not the point here
+    assert repro(root, "split") == {"check", "ingest", "augment", "split"}  # not training
     before = {s: set(pq.read_table(root / paths.split_path(s))["_id"].to_pylist()) for s in ("val", "test")}
     assert before["val"] and before["test"]
     with csv.open("a") as f:
@@ -146,3 +157,61 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
     for s in ("val", "test"):
         after = set(pq.read_table(root / paths.split_path(s))["_id"].to_pylist())
         assert before[s] <= after  # every old row is still in its split
+
+
+# --- a bad params.yaml never costs an output -------------------------------------------------------
+
+def outputs(root: Path) -> dict[str, str]:
+    """The content of every pipeline output (and dvc.lock), by path."""
+    files = [p for d in ("data", "models", "dvclive", "metrics", "reports") for p in (root / d).rglob("*")]
+    return {str(p.relative_to(root)): p.read_bytes().hex() for p in [*files, root / "dvc.lock"]
+            if p.is_file()}
+
+
+def test_a_bad_params_file_stops_dvc_repro_before_any_output_is_deleted(restored_params):
+    root = restored_params
+    before = outputs(root)
+    edit_params(root, lambda p: p["train"].update(lr="fast"))
+    result = run(["dvc", "repro"], root, check=False)
+    assert result.returncode != 0
+    assert "error: params.yaml: train.lr: Input should be a valid number" in result.stderr
+    assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["check"]
+    assert outputs(root) == before
+
+
+def test_dvc_exp_run_with_a_bad_value_deletes_no_output(restored_params):
+    root = restored_params
+    before = outputs(root)
+    result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], root, check=False)
+    assert result.returncode != 0 and "error: params.yaml: train.lr" in result.stderr
+    assert outputs(root) == before
+    assert "lr: fast" in (root / "params.yaml").read_text()  # DVC leaves its change (README)
+
+
+def test_a_hostile_variant_name_runs_no_shell_command(restored_params):
+    root = restored_params
+    hostile = "x;touch pwned;#"
+    edit_params(root, lambda p: p["variants"].update({hostile: {"arch": "hps"}}))
+    result = run(["dvc", "repro"], root, check=False)
+    assert result.returncode != 0 and f"variants.{hostile}: variant names may hold" in result.stderr
+    # Even skipping the check, the quoted name reaches `mtl train` as one argument, which refuses it.
+    result = run(["dvc", "repro", "--single-item", f"train@{hostile}-0"], root, check=False)
+    assert result.returncode != 0 and f"variants.{hostile}: variant names" in result.stderr
+    assert not (root / "pwned").exists()
+
+
+def test_make_run_refuses_an_alias_bomb_in_seconds_before_dvc_starts(restored_params):
+    root = restored_params
+    before = outputs(root)
+    bomb = ["lol: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n".join(bomb) + "\n")
+    start = time.monotonic()
+    result = subprocess.run(["make", "-o", "setup", "run", f"VENV={BIN.parent}"], cwd=root, env=env(),
+                            check=False,
+                            capture_output=True, text=True, timeout=120)  # DVC's parser: hours
+    assert time.monotonic() - start < 30
+    assert result.returncode != 0
+    assert "error: params.yaml: more than 100,000 values once its aliases are expanded" in result.stderr
+    assert "dvc repro" not in result.stdout
+    assert outputs(root) == before

@@ -1,0 +1,21 @@
+"""check: the params file validated as a whole before DVC runs any other stage.
+
+Every other stage depends on this stage's stamp (``data/checked/params.ok``), so ``dvc repro``
+stops here on a bad params.yaml, before DVC deletes any output of another stage (DVC removes a
+stage's outputs right before running its command). The stamp's content never changes, so a
+passing check re-runs nothing downstream by itself. Reading the file is bounded
+(``mtl.config.parse_yaml``): an alias bomb is refused in milliseconds."""
+
+from __future__ import annotations
+
+from mtl import paths
+from mtl.config import Params
+from mtl.io import write_text
+
+STAMP = "params.yaml passed `mtl check`; every stage depends on this file (see dvc.yaml)\n"
+
+
+def run(params: Params) -> None:
+    write_text(STAMP, paths.CHECKED)
+    print(f"check: valid: {len(params.data.tasks)} tasks, {len(params.variants)} variants x "
+          f"{len(params.seeds)} seeds")
