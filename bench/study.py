@@ -40,6 +40,9 @@ VARIANTS = {
     "hps-pcgrad": {"arch": "hps", "weighting": "pcgrad"},
     "hps-famo": {"arch": "hps", "weighting": "famo"},
     "hps-upgrad": {"arch": "hps", "weighting": "upgrad"},
+    "hps-gradnorm": {"arch": "hps", "weighting": "gradnorm"},
+    "mmoe-gradnorm": {"arch": "mmoe", "weighting": "gradnorm"},
+    "hps-nash_mtl": {"arch": "hps", "weighting": "nash_mtl"},
 }
 
 
