@@ -183,15 +183,23 @@ def predict(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int =
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def make_optimizer(params: list[nn.Parameter], options: FitOptions,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model_params: list[nn.Parameter], weighting_params: list[nn.Parameter],
+                   options: FitOptions, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD; the fused implementation on CPU and CUDA (on CPU, AdamW's step takes a
-    fifth of the time of the default one for the small networks of tabular data)."""
+    fifth of the time of the default one for the small networks of tabular data).
+
+    The weighting's own parameters (UW's log-variances, GradNorm's logits, IMTL-L's scales) form
+    a second group without weight decay: decay would pull them toward 0, i.e. toward equal
+    weights, which none of their papers asks for. Every model parameter, biases and norms
+    included, keeps ``weight_decay`` (exempting those, as nanoGPT does, awaits a measurement)."""
     fused = device.type in ("cpu", "cuda") or None
+    groups = [{"params": model_params}]
+    if weighting_params:
+        groups.append({"params": weighting_params, "weight_decay": 0.0})
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay,
+        return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay,
                                  fused=fused)
-    return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
+    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum,
                            weight_decay=options.weight_decay, fused=fused)
 
 
@@ -275,7 +283,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     precision = resolve_precision(options.precision, device)
     generator = torch.Generator().manual_seed(options.seed)
     params = list(model.parameters()) + list(weighting.parameters())
-    optimizer = make_optimizer(params, options, device)
+    optimizer = make_optimizer(list(model.parameters()), list(weighting.parameters()), options,
+                               device)
     schedule, plateau = make_schedules(optimizer, options)
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
