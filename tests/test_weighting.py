@@ -78,9 +78,9 @@ def test_rlw_weights_are_a_seeded_random_point_of_the_simplex():
 
 def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     gradnorm = build("gradnorm")
-    w = nn.Parameter(torch.zeros(1, 2))  # the last shared weight matrix
+    w = nn.Parameter(torch.zeros(1, 2))  # the last shared layer
     grads = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # |grad_W L_k| = 3 and 1
-    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w]))
+    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w], last_shared_layer=[w]))
     assert used.tolist() == [1.0, 1.0]
     assert torch.allclose(w.grad, grads.sum(0, keepdim=True))  # sum_k w_k grad_k
     # First step: r_k = 1, target = mean(G) = 2; d/dw sum|G_k - 2| = (3, -1); dw/dlogits =
@@ -88,9 +88,39 @@ def test_gradnorm_lowers_the_weight_of_the_task_with_the_larger_gradient():
     assert torch.allclose(gradnorm.logits.grad, torch.tensor([2.0, -2.0]))
     with torch.no_grad():
         gradnorm.logits -= 0.5 * gradnorm.logits.grad
-    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w]))
+    used = gradnorm.backward((w @ grads.T)[0] + 1.0, Step([w], last_shared_layer=[w]))
     assert (used > 0).all() and math.isclose(float(used.sum()), 2.0, rel_tol=1e-6)
     assert used[0] < 1.0 < used[1]
+
+
+def test_gradnorm_takes_the_norms_over_the_whole_last_shared_layer_and_nothing_else():
+    """W = [w1, w2] (e.g. the last layer of two experts): G_k is the norm over both matrices;
+    the shared matrix v outside the layer, whatever its gradients, plays no part."""
+    gradnorm = build("gradnorm")
+    w1, w2, v = (nn.Parameter(torch.zeros(1, 2)) for _ in range(3))
+    losses = (w1 @ torch.tensor([[3.0, 0.0], [0.0, 1.0]]).T + w2 @ torch.tensor(
+        [[4.0, 0.0], [0.0, 0.0]]).T + v @ torch.tensor([[0.0, 0.0], [0.0, 9.0]]).T)[0] + 1.0
+    gradnorm.backward(losses, Step([w1, w2, v], last_shared_layer=[w1, w2]))
+    # G = (|(3, 0, 4, 0)|, |(0, 1, 0, 0)|) = (5, 1); target mean(G) = 3; d/dw sum|G_k - 3| =
+    # (5, -1); times K (diag(z) - z z^T) = [[1/2, -1/2], [-1/2, 1/2]]: (3, -3).
+    assert torch.allclose(gradnorm.logits.grad, torch.tensor([3.0, -3.0]))
+    with pytest.raises(ValueError, match="gradnorm needs a shared layer of weights"):
+        build("gradnorm").backward(losses, Step([w1, w2, v]))
+
+
+@pytest.mark.parametrize("alpha,logits_grad", [(0.5, [1.0, -1.0]), (1.5, [-1.0, 1.0])])
+def test_gradnorm_alpha_sets_how_far_the_slower_task_is_pushed(alpha, logits_grad):
+    """Loss ratios L/L(0) = (2, 0.5), so r = (1.6, 0.4); G = (1.5, 0.5), mean 1. The targets
+    mean(G) r^alpha are (1.26, 0.63) for alpha 0.5, below task 0's G: its weight is lowered;
+    and (2.02, 0.25) for alpha 1.5, above it: its weight is raised."""
+    gradnorm = build("gradnorm", alpha=alpha)
+    w = nn.Parameter(torch.zeros(1, 2))
+    grads = torch.tensor([[1.5, 0.0], [0.0, 0.5]])
+    for initial in ([1.0, 1.0], [2.0, 0.5]):
+        gradnorm.logits.grad = None
+        gradnorm.backward((w @ grads.T)[0] + torch.tensor(initial), Step([w], last_shared_layer=[w]))
+    # d/dw sum|G_k - target_k| = sign(G - target) |g|, times [[1/2, -1/2], [-1/2, 1/2]]
+    assert torch.allclose(gradnorm.logits.grad, torch.tensor(logits_grad))
 
 
 def test_famo_updates_its_logits_from_the_change_in_log_loss():

@@ -288,7 +288,7 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     schedule, plateau = make_schedules(optimizer, options)
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
-    shared = model.shared_parameters()
+    shared, layer = model.shared_parameters(), model.last_shared_layer()
     heads = [p for p in model.parameters() if all(p is not q for q in shared)]
     # Clipping is per selection group, so that STL's networks stay independent of each other.
     clipped = [list(module.parameters()) for _, module in groups] if options.clip_grad_norm else []
@@ -332,7 +332,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
                     finite = all(map(math.isfinite, values))
                     if finite:
-                        step = Step(shared, features, epoch, head_params=heads, task_losses=each,
+                        step = Step(shared, features, epoch, head_params=heads,
+                                    last_shared_layer=layer, task_losses=each,
                                     processes=processes,
                                     mean_over_processes=distributed.mean_over_processes)
                         step_weights.append(weighting.backward(losses, step) if k == 1

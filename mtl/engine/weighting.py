@@ -33,6 +33,8 @@ class Step:
     features: torch.Tensor | None = None  # the shared representation the heads read, if any
     epoch: int = 0
     head_params: list[nn.Parameter] = field(default_factory=list)  # the model's other parameters
+    # The weights of the model's last shared layer (``last_shared_layer()`` of mtl.engine.archs).
+    last_shared_layer: list[nn.Parameter] = field(default_factory=list)
     # The losses as separate tensors: the gradient of one element of the stacked tensor goes
     # back through every task's head (with zeros), that of a separate loss through its own only.
     task_losses: list[torch.Tensor] | None = None
@@ -161,14 +163,16 @@ class RLW(Weighting):
 class GradNorm(Weighting):
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich 2018, "GradNorm: Gradient Normalization
     for Adaptive Loss Balancing in Deep Multitask Networks"). With G_k = w_k |grad_W L_k| the
-    norm of task k's weighted gradient on W, the last shared parameter with ndim >= 2 (the
-    paper's last shared layer), and r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) its relative
-    inverse training rate (L(0): the losses of the first step), the weights descend the loss
-    sum_k |G_k - mean(G) r_k^alpha| (the target held constant) while the network descends
-    sum_k w_k L_k. Tasks that train slower or have smaller gradients gain weight. The weights are
-    K softmax(logits), positive and summing to K by construction; the paper instead updates w
-    directly and renormalises it to sum to K after every step. Without shared parameters (STL)
-    the losses are summed."""
+    norm of task k's weighted gradient on W, the weights of the last shared layer (Section 3.2:
+    "generally chosen as the last shared layer of weights"; each architecture names its own,
+    ``Step.last_shared_layer``; several matrices count as one W, the norm is over all of them),
+    and r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) its relative inverse training rate (L(0):
+    the losses of the first step), the weights descend the loss sum_k |G_k - mean(G) r_k^alpha|
+    (the target held constant) while the network descends sum_k w_k L_k. Tasks that train
+    slower or have smaller gradients gain weight. The weights are K softmax(logits), positive
+    and summing to K by construction; the paper instead updates w directly and renormalises it
+    to sum to K after every step. The authors published no code. Without shared parameters
+    (STL) the losses are summed."""
 
     loss_backward = False
 
@@ -187,16 +191,17 @@ class GradNorm(Weighting):
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if not step.shared_params:
             return _sum_backward(losses)
-        matrices = [p for p in step.shared_params if p.ndim >= 2]
-        if not matrices:
-            raise ValueError("gradnorm needs a shared weight matrix (a parameter with ndim >= 2)")
+        layer = step.last_shared_layer
+        if not layer:
+            raise ValueError("gradnorm needs a shared layer of weights, and this model has none "
+                             "(no hidden layer over an encoder without weights): set train.hidden")
         if self.initial_losses is None:
             self.initial_losses = losses.detach().clone()
         weights = len(losses) * torch.softmax(self.logits, dim=0)
-        grads = torch.stack([torch.autograd.grad(loss, matrices[-1], retain_graph=True)[0]
-                             for loss in _each(losses, step)])
+        grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            loss, layer, retain_graph=True)]) for loss in _each(losses, step)])
         step.mean_over_processes([grads])
-        grad_norms = weights * grads.flatten(1).norm(dim=1)
+        grad_norms = weights * grads.norm(dim=1)
         rates = losses.detach() / self.initial_losses
         target = (grad_norms.mean() * (rates / rates.mean()) ** self.alpha).detach()
         (grad_norms - target).abs().sum().backward(inputs=[self.logits])
