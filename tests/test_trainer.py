@@ -39,10 +39,11 @@ def options(**kw) -> FitOptions:
                           "progress": False} | kw))
 
 
-def run(data: TaskData, arch: str = "hps", method: str = "ew", **kw):
+def run(data: TaskData, arch: str = "hps", method: str = "ew", method_options: dict | None = None,
+        **kw):
     """Train a fresh model; returns (model, weighting, per-epoch logs)."""
     net, logs = model(arch), []
-    w = weighting.build(method, NAMES)
+    w = weighting.build(method, NAMES, options=method_options)
     fit(net, TASKS, w, data, data, options(**kw), on_epoch=lambda e, log: logs.append(log))
     return net, w, logs
 
@@ -161,17 +162,20 @@ def scramble_rng() -> None:
     random.seed(12345)
 
 
-@pytest.mark.parametrize("arch,method", [("hps", "ew"), ("hps", "uw"), ("stl", "ew"),
-                                         ("hps", "dwa"), ("hps", "famo"), ("hps", "rlw"),
-                                         ("hps", "db_mtl")])
-def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method):
+@pytest.mark.parametrize("arch,method,method_options", [
+    ("hps", "ew", None), ("hps", "uw", None), ("stl", "ew", None), ("hps", "dwa", None),
+    ("hps", "famo", None), ("hps", "rlw", None), ("hps", "db_mtl", None), ("hps", "gradnorm", None),
+    # 8 steps an epoch: the resumed run's first step (24) reuses the weights of step 20
+    ("hps", "nash_mtl", {"update_weights_every": 5})])
+def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method, method_options):
     """6 epochs in one go, or 3 epochs and then a resumed run to 6: the same final weights."""
-    whole, w_whole, logs = run(data, arch, method)
+    whole, w_whole, logs = run(data, arch, method, method_options)
     first = model(arch)
-    fit(first, TASKS, weighting.build(method, NAMES), data, data, options(epochs=3),
-        checkpoint=tmp_path / "checkpoint.pt")
+    fit(first, TASKS, weighting.build(method, NAMES, options=method_options), data, data,
+        options(epochs=3), checkpoint=tmp_path / "checkpoint.pt")
     scramble_rng()
-    resumed, w_resumed, later = model(arch), weighting.build(method, NAMES), []
+    resumed, later = model(arch), []
+    w_resumed = weighting.build(method, NAMES, options=method_options)
     result = fit(resumed, TASKS, w_resumed, data, data, options(), on_epoch=lambda e, log: later.append(log),
                  checkpoint=tmp_path / "checkpoint.pt", resume=True)
     assert result.resumed_at == 3 and result.epochs_run == 6 and later == logs[3:]

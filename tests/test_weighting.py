@@ -243,16 +243,81 @@ def test_imtl_gives_equal_projections_on_every_unit_task_gradient():
     assert math.isclose(float(used.sum()), 1.0, rel_tol=1e-5)
 
 
-def test_nash_mtl_solves_the_bargaining_condition_and_clips_the_norm():
+def test_nash_mtl_solves_the_bargaining_condition():
     gram = CONFLICTING @ CONFLICTING.T
     grad, alpha = shared_grad("nash_mtl", CONFLICTING, max_norm=0.0)
     assert torch.allclose((gram @ alpha) * alpha, torch.ones(2), atol=1e-5)
     assert torch.allclose(grad, alpha @ CONFLICTING)
-    clipped, _ = shared_grad("nash_mtl", CONFLICTING)  # max_norm = 1
-    assert math.isclose(float(clipped.norm()), 1.0, rel_tol=1e-5)
-    assert torch.allclose(clipped, grad / grad.norm(), atol=1e-6)
     with pytest.raises(RuntimeError, match="nash_mtl"):  # opposite gradients: no solution
         shared_grad("nash_mtl", torch.tensor([[1.0, 0.0], [-2.0, 0.0]]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")  # cvxpy
+@pytest.mark.parametrize("seed", range(8))
+def test_nash_mtl_weights_are_the_official_codes_where_its_solver_converges(seed):
+    """torchjd's port of the official solver (cvxpy, ECOS, the Gram matrix divided by its
+    Frobenius norm n before solving, n multiplied back in its constraint) gives our weights,
+    for gradients of any scale: the division does not change the solution."""
+    g = torch.Generator().manual_seed(seed)
+    grads = 10.0 ** (seed % 5 - 2) * torch.randn(2 + seed % 4, 20, generator=g, dtype=torch.float64)
+    official = aggregation.NashMTL(n_tasks=len(grads), max_norm=0.0).weighting(grads)
+    ours = weighting.nash_bargaining(grads @ grads.T)
+    assert torch.allclose(ours, official, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")  # cvxpy
+def test_nash_mtl_differs_from_the_official_solver_where_that_one_fails():
+    """On these two conflicting gradients ECOS fails and the official code keeps its initial
+    weights (1, 1), far from the condition; ours solves it."""
+    official = aggregation.NashMTL(n_tasks=2, max_norm=0.0).weighting(CONFLICTING.double())
+    assert official.tolist() == [1.0, 1.0]
+    _, alpha = shared_grad("nash_mtl", CONFLICTING, max_norm=0.0)
+    assert not torch.allclose(alpha, torch.ones(2), atol=0.1)
+
+
+@pytest.mark.parametrize("c", [0.01, 100.0])
+def test_nash_mtl_update_does_not_depend_on_the_gradients_scale(c):
+    """With G c times larger, (c^2 G G^T alpha') * alpha' = 1 gives alpha' = alpha / c, and
+    the update (c G)^T alpha' = G^T alpha is the same (before clipping)."""
+    grads = torch.tensor([[3.0, 0.0, 1.0], [1.0, 2.0, 0.0], [0.0, -1.0, 1.0]])
+    grad, alpha = shared_grad("nash_mtl", grads, max_norm=0.0)
+    scaled_grad, scaled_alpha = shared_grad("nash_mtl", c * grads, max_norm=0.0)
+    assert torch.allclose(scaled_alpha, alpha / c, rtol=1e-4)
+    assert torch.allclose(scaled_grad, grad, rtol=1e-4)
+
+
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_nash_mtl_scales_the_heads_by_alpha_and_clips_only_the_shared_gradient(level):
+    """As the official code: sum_k alpha_k L_k is backpropagated (heads get alpha_k times their
+    gradient), then the shared gradient alone is clipped to max_norm."""
+    x, heads = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([1.0, 2.0]))
+    features = x * 1.0
+    alpha = build("nash_mtl", level=level, max_norm=0.5).backward(
+        heads * (CONFLICTING @ features), Step([x], features, head_params=[heads]))
+    gram = CONFLICTING @ CONFLICTING.T  # heads (1, 2): the task gradients are (g1, 2 g2)
+    gram = gram * torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    assert torch.allclose((gram @ alpha) * alpha, torch.ones(2), atol=1e-5)  # not clipped
+    assert torch.allclose(heads.grad, alpha * (CONFLICTING @ x.detach()))
+    update = alpha @ (CONFLICTING * heads.detach()[:, None])
+    assert update.norm() > 0.5
+    assert torch.allclose(x.grad, 0.5 * update / update.norm(), atol=1e-5)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_nash_mtl_reuses_its_weights_between_updates(every):
+    nash = build("nash_mtl", max_norm=0.0, update_weights_every=every)
+    first, second = CONFLICTING, torch.tensor([[2.0, 0.5], [0.0, 1.0]])
+    x = nn.Parameter(torch.zeros(2))
+    alphas = []
+    for grads in (first, second, second):
+        x.grad = None
+        alphas.append(nash.backward(grads @ x, Step([x])))
+        assert torch.allclose(x.grad, alphas[-1] @ grads)
+    solved = [shared_grad("nash_mtl", g, max_norm=0.0)[1] for g in (first, second)]
+    expected = [solved[0], solved[0], solved[1]] if every == 2 else [solved[0], *solved[1:] * 2]
+    assert all(torch.allclose(a, b) for a, b in zip(alphas, expected))
+    with pytest.raises(ValueError, match="update_weights_every must be at least 1"):
+        build("nash_mtl", update_weights_every=0)
 
 
 def test_aligned_mtl_averages_the_aligned_gradients_of_condition_number_one():
@@ -274,10 +339,11 @@ def test_upgrad_conflicts_with_no_task_and_is_the_mean_without_conflict():
     assert torch.allclose(grad, grads.mean(0), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS + ["db_mtl"])
+@pytest.mark.parametrize("name", [n for n in GRADIENT_METHODS if n != "nash_mtl"] + ["db_mtl"])
 def test_gradient_methods_give_task_parameters_their_own_gradient(name):
     """With or without the shared representation, the heads get their own loss's gradient and
-    the shared parameter the same aggregated gradient (and no ``.jac`` left behind)."""
+    the shared parameter the same aggregated gradient (and no ``.jac`` left behind). Nash-MTL
+    scales the heads' gradients by its weights (tested above)."""
     shared_grads = []
     for with_features in (True, False):
         x = nn.Parameter(torch.tensor([1.0, 2.0]))

@@ -33,7 +33,7 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
     "pcgrad": {"level": "params"},
     "cagrad": {"c": 0.4, "level": "params"},
     "imtl": {"level": "params"},
-    "nash_mtl": {"max_norm": 1.0, "level": "params"},
+    "nash_mtl": {"max_norm": 1.0, "update_weights_every": 1, "level": "params"},
     "aligned_mtl": {"scale_mode": "min", "level": "params"},  # or "median", "rmse"
     "upgrad": {"level": "params"},
 }
