@@ -95,7 +95,7 @@ def test_weight_decay_leaves_the_weightings_own_parameters_alone(optimizer):
     assert torch.allclose(net.detach(), torch.full((3,), 0.5))
 
 
-@pytest.mark.parametrize("method,own", [("ew", 0), ("uw", 1), ("gradnorm", 1)])
+@pytest.mark.parametrize("method,own", [("ew", 0), ("uw", 1), ("gradnorm", 1), ("imtl", 1)])
 def test_fit_gives_the_weightings_parameters_a_group_without_weight_decay(data, tmp_path, method,
                                                                          own):
     path = tmp_path / "checkpoint.pt"
@@ -165,6 +165,7 @@ def scramble_rng() -> None:
 @pytest.mark.parametrize("arch,method,method_options", [
     ("hps", "ew", None), ("hps", "uw", None), ("stl", "ew", None), ("hps", "dwa", None),
     ("hps", "famo", None), ("hps", "rlw", None), ("hps", "db_mtl", None), ("hps", "gradnorm", None),
+    ("hps", "imtl", None),
     # 8 steps an epoch: the resumed run's first step (24) reuses the weights of step 20
     ("hps", "nash_mtl", {"update_weights_every": 5})])
 def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method, method_options):

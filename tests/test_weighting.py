@@ -194,7 +194,7 @@ def test_over_an_identity_trunk_both_levels_give_the_same_update(name):
         x, heads = nn.Parameter(torch.tensor([1.0, -0.5, 2.0])), nn.Parameter(torch.ones(3))
         features = x * 1.0
         torch.manual_seed(0)  # pcgrad's random order
-        used = build(name, level=level).backward(heads * (h @ features),
+        used = build(name, 3, level=level).backward(heads * (h @ features),
                                                  Step([x], features, head_params=[heads]))
         return x.grad, heads.grad, used
 
@@ -235,12 +235,37 @@ def test_cagrad_is_the_mean_gradient_for_c_zero_and_improves_the_worst_task_othe
     assert (CONFLICTING @ grad).min() > (CONFLICTING @ mean).min() + 0.1
 
 
-def test_imtl_gives_equal_projections_on_every_unit_task_gradient():
+@pytest.mark.parametrize("loss_scale", [False, True])  # s = 0 at first: e^s L - s has L's gradient
+def test_imtl_gives_equal_projections_on_every_unit_task_gradient(loss_scale):
     grads = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.0], [0.5, 0.5, 3.0]])
-    grad, used = shared_grad("imtl", grads)
+    grad, used = shared_grad("imtl", grads, loss_scale=loss_scale)
     projections = grads @ grad / grads.norm(dim=1)
     assert torch.allclose(projections, projections[0].expand(3), atol=1e-5)
     assert math.isclose(float(used.sum()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_imtl_l_scales_each_loss_by_a_learned_e_to_the_s(level):
+    """IMTL-L: the losses become e^{s_k} L_k - s_k; s_k gets e^{s_k} L_k - 1 (zero when the
+    scaled loss is 1), each head its scaled loss's gradient, and IMTL-G weighs the scaled
+    losses' gradients e^{s_k} g_k. Without loss_scale there is no s and no scaling."""
+    grads = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.0], [0.5, 0.5, 3.0]])
+    s = torch.tensor([0.5, -1.0, 0.2])
+    imtl, plain = build("imtl", 3, level=level), build("imtl", 3, loss_scale=False, level=level)
+    assert [n for n, _ in plain.named_parameters()] == []
+    with torch.no_grad():
+        imtl.log_scale.copy_(s)
+    x, heads = nn.Parameter(torch.tensor([0.5, 1.0, -0.3])), nn.Parameter(torch.ones(3))
+    features = x * 1.0
+    losses = heads * torch.exp(grads @ features)  # positive; gradient L_k g_k over x
+    used = imtl.backward(losses, Step([x], features, head_params=[heads]))
+    values = losses.detach()
+    assert torch.allclose(imtl.log_scale.grad, s.exp() * values - 1)
+    assert torch.allclose(heads.grad, s.exp() * values)  # L_k / heads_k, heads = 1
+    scaled = s.exp()[:, None] * values[:, None] * grads  # the scaled losses' gradients over x
+    _, alpha = shared_grad("imtl", scaled, loss_scale=False)
+    assert torch.allclose(used, alpha * s.exp(), atol=1e-5)
+    assert torch.allclose(x.grad, alpha @ scaled, atol=1e-5)
 
 
 def test_nash_mtl_solves_the_bargaining_condition():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -453,14 +453,30 @@ class CAGrad(GradientMethod):
 
 
 class IMTL(GradientMethod):
-    """IMTL-G (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang 2021, "Towards Impartial Multi-task
-    Learning"): weights summing to 1 such that the update has the same projection on every unit
-    task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly dependent
-    gradients are allowed). The paper applies it to the gradients over the shared
-    representation: ``level="features"``."""
+    """IMTL (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang 2021, "Towards Impartial Multi-task
+    Learning"), the paper's hybrid of its two halves.
 
-    def __init__(self, task_names: Sequence[str], *, level: str):
+    IMTL-L (``loss_scale``): a learnable s_k per task and the scaled losses e^{s_k} L_k - s_k,
+    whose minimum over s_k is at e^{s_k} L_k = 1: every scaled loss tends to the same value. Like
+    a head, s_k gets its own scaled loss's gradient (the trainer's optimizer steps it, without
+    weight decay). IMTL-G: the shared parameters get sum_k alpha_k g_k of the scaled losses'
+    gradients g_k, with alpha summing to 1 such that the update has the same projection on
+    every unit task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly
+    dependent gradients are allowed). ``loss_scale=False`` is IMTL-G alone. The paper applies
+    IMTL-G to the gradients over the shared representation: ``level="features"``. Returns
+    alpha_k e^{s_k}, the weights of the unscaled losses in the shared update."""
+
+    def __init__(self, task_names: Sequence[str], *, loss_scale: bool, level: str):
         super().__init__(task_names, aggregation.IMTLG(), level)
+        self.log_scale = nn.Parameter(torch.zeros(len(self.task_names))) if loss_scale else None
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.log_scale is None:
+            return super().backward(losses, step)
+        scales = torch.exp(self.log_scale)
+        scaled = [scales[k] * loss - self.log_scale[k] for k, loss in enumerate(_each(losses, step))]
+        step = replace(step, task_losses=scaled, head_params=[*step.head_params, self.log_scale])
+        return super().backward(torch.stack(scaled), step) * scales.detach()
 
 
 def nash_bargaining(gramian: torch.Tensor) -> torch.Tensor:
