@@ -118,6 +118,16 @@ def test_without_hidden_layers_the_last_shared_layer_is_the_encoders(arch):
     assert [id(p) for p in model.last_shared_layer()] == [id(model.encoder.embeddings[0].weight)]
 
 
+@pytest.mark.parametrize("arch,options,counts", [
+    ("mmoe", {"experts": 3}, [(3, 0)]),
+    ("cgc", {"shared_experts": 3, "task_experts": 2}, [(3, 2)]),
+    ("ple", {"shared_experts": 1, "task_experts": 2, "levels": 3}, [(1, 2)] * 3)])
+def test_expert_options_set_the_number_of_experts_per_level(arch, options, counts):
+    model, inputs, _ = setup(arch, options)
+    assert [(len(level.shared), len(level.specific["kind"])) for level in model.levels] == counts
+    assert [g["kind"].shape[1] for g in model.gates(inputs)] == [a + b for a, b in counts]
+
+
 def test_arch_options_are_the_constructor_defaults():
     classes = {"hps": archs.HPS, "stl": archs.STL, "mmoe": archs.MMoE, "cgc": archs.CGC,
                "ple": archs.PLE, "cross_stitch": archs.CrossStitch, "mtan": archs.MTAN}

@@ -2,6 +2,7 @@
 gradient contract (task-specific vs shared parameters), options, and a short training run."""
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -43,8 +44,9 @@ def test_uw_weights_are_exp_minus_log_variance_and_learn_toward_the_inverse_loss
     assert torch.allclose(uw.log_var.grad, 1 - torch.exp(-s) * torch.tensor([2.0, 3.0]))
 
 
-def test_dwa_is_uniform_for_two_epochs_then_follows_the_loss_ratio():
-    dwa = build("dwa")
+@pytest.mark.parametrize("temperature", [2.0, 5.0])
+def test_dwa_is_uniform_for_two_epochs_then_follows_the_loss_ratio(temperature):
+    dwa = build("dwa", temperature=temperature)
     epoch_losses = {0: [[4.0, 2.0], [2.0, 2.0]], 1: [[2.0, 2.0], [1.0, 2.0]], 2: [[1.0, 1.0]],
                     3: [[1.0, 1.0]]}  # epoch means: (3, 2), (1.5, 2), (1, 1)
     used = {}
@@ -55,9 +57,9 @@ def test_dwa_is_uniform_for_two_epochs_then_follows_the_loss_ratio():
             assert torch.equal(losses.grad, used[epoch])
     assert used[0].tolist() == used[1].tolist() == [1.0, 1.0]
     ratio = torch.tensor([1.5 / 3, 2 / 2])
-    assert torch.allclose(used[2], 2 * torch.softmax(ratio / 2, dim=0))
+    assert torch.allclose(used[2], 2 * torch.softmax(ratio / temperature, dim=0))
     ratio = torch.tensor([1 / 1.5, 1 / 2])
-    assert torch.allclose(used[3], 2 * torch.softmax(ratio / 2, dim=0))
+    assert torch.allclose(used[3], 2 * torch.softmax(ratio / temperature, dim=0))
 
 
 def test_rlw_weights_are_a_seeded_random_point_of_the_simplex():
@@ -123,24 +125,49 @@ def test_gradnorm_alpha_sets_how_far_the_slower_task_is_pushed(alpha, logits_gra
     assert torch.allclose(gradnorm.logits.grad, torch.tensor(logits_grad))
 
 
-def test_famo_updates_its_logits_from_the_change_in_log_loss():
-    famo = build("famo")
+@pytest.mark.parametrize("logit_lr", [0.025, 0.1])
+def test_famo_updates_its_logits_from_the_change_in_log_loss(logit_lr):
+    famo = build("famo", logit_lr=logit_lr)
     losses = torch.tensor([1.0, 1.0], requires_grad=True)
     assert famo.backward(losses, Step([])).tolist() == [0.5, 0.5]  # z / (c L), z = (1/2, 1/2)
     losses = torch.tensor([math.exp(-1), 1.0], requires_grad=True)
     used = famo.backward(losses, Step([]))
     # delta = log L(before) - log L(after) = (1, 0); the softmax's Jacobian gives the logits the
     # gradient (1/4, -1/4); Adam's first step moves each logit by lr against its gradient's sign.
-    assert torch.allclose(famo.logits, torch.tensor([-0.025, 0.025]))
-    z = torch.softmax(torch.tensor([-0.025, 0.025]), dim=0)
+    assert torch.allclose(famo.logits, torch.tensor([-logit_lr, logit_lr]))
+    z = torch.softmax(torch.tensor([-logit_lr, logit_lr]), dim=0)
     expected = z / losses.detach()
     assert torch.allclose(used, expected / expected.sum())
     assert torch.allclose(losses.grad, used)
     assert math.isclose(float(used.sum()), 1.0, rel_tol=1e-6)
 
 
-def test_db_mtl_balances_the_moving_average_of_the_log_loss_gradients():
-    db = build("db_mtl")
+@pytest.mark.parametrize("gamma", [0.001, 0.5])
+def test_famo_decays_its_logits_by_gamma_as_adam_weight_decay(gamma):
+    """The official code steps the logits with Adam(lr=logit_lr, weight_decay=gamma): from the
+    third step on, when the logits are no longer 0, gamma changes them."""
+    famo = build("famo", gamma=gamma)
+    reference = torch.zeros(2, requires_grad=True)
+    adam = torch.optim.Adam([reference], lr=0.025, weight_decay=gamma)
+    log_losses = torch.tensor([[0.0, 0.0], [-1.0, 0.0], [-1.5, -0.2], [-1.6, -0.9]])
+    famo.backward(log_losses[0].exp().requires_grad_(), Step([]))
+    for before, after in pairwise(log_losses):
+        famo.backward(after.exp().requires_grad_(), Step([]))
+        z = torch.softmax(reference.detach(), dim=0)
+        delta = before - after
+        reference.grad = z * (delta - (z * delta).sum())
+        adam.step()
+    assert torch.allclose(famo.logits, reference.detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("beta,beta_sigma,first,second", [
+    (0.9, 0.0, 0.1, 0.19),  # rate 0.9: 0.1 g, then 0.9 * 0.1 g + 0.1 g
+    (0.5, 0.0, 0.5, 0.75),  # rate 0.5: 0.5 g, then 0.5 * 0.5 g + 0.5 g
+    (0.9, 1.0, 0.1, 0.595),  # rate 0.9 / t: 0.1 g, then 0.45 * 0.1 g + 0.55 g
+])
+def test_db_mtl_balances_the_moving_average_of_the_log_loss_gradients(beta, beta_sigma, first,
+                                                                      second):
+    db = build("db_mtl", beta=beta, beta_sigma=beta_sigma)
     x, head = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
     grads = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     scales = torch.tensor([5.0, 0.1])  # log(c e^{g.x}) has gradient g whatever the scale c
@@ -151,10 +178,10 @@ def test_db_mtl_balances_the_moving_average_of_the_log_loss_gradients():
         return db.backward(losses, Step([x]))
 
     assert torch.allclose(step(), torch.tensor([1.0, 3.0]))  # max norm / own norm
-    assert torch.allclose(x.grad, 0.1 * (grads[0] + 3 * grads[1]))  # average = (1 - beta) g
+    assert torch.allclose(x.grad, first * (grads[0] + 3 * grads[1]))  # average = (1 - rate) g
     assert torch.allclose(head.grad, torch.ones(1))  # the log loss's own gradient
     step()
-    assert torch.allclose(x.grad, 0.19 * (grads[0] + 3 * grads[1]))  # 0.9 * 0.1 g + 0.1 g
+    assert torch.allclose(x.grad, second * (grads[0] + 3 * grads[1]))
 
 
 # --- gradient methods -----------------------------------------------------------------------------
@@ -204,6 +231,27 @@ def test_over_an_identity_trunk_both_levels_give_the_same_update(name):
     assert torch.allclose(used, params_used, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_level_features_takes_the_weights_from_the_representation_gradients(name):
+    """features = A x: the representation gradients are h_k, those over x are A^T h_k, whose
+    Gramian differs; level 'features' must weigh the first, level 'params' the second."""
+    h = torch.tensor([[2.0, 0.0, 1.0], [-1.0, 1.0, 0.5], [0.3, -2.0, 1.0]])
+    a = torch.tensor([[1.0, 0.8, 0.0], [0.0, 1.0, 0.5], [0.3, 0.0, 2.0]])
+
+    def used(level: str) -> torch.Tensor:
+        x, heads = nn.Parameter(torch.tensor([1.0, -0.5, 2.0])), nn.Parameter(torch.ones(3))
+        features = a @ x
+        torch.manual_seed(0)  # pcgrad's random order
+        return build(name, 3, level=level).backward(heads * (h @ features),
+                                                    Step([x], features, head_params=[heads]))
+
+    torch.manual_seed(0)
+    assert torch.allclose(used("features"), shared_grad(name, h)[1], atol=1e-5)
+    torch.manual_seed(0)
+    assert torch.allclose(used("params"), shared_grad(name, h @ a)[1], atol=1e-5)
+    assert not torch.allclose(used("features"), used("params"), atol=1e-3)
+
+
 def test_pcgrad_removes_the_conflicting_components():
     g1, g2 = CONFLICTING
     grad, _ = shared_grad("pcgrad", CONFLICTING)
@@ -226,12 +274,13 @@ def test_cagrad_updates_match_torchjds_cvxpy_solver(seed):
     assert torch.allclose(ours, reference, rtol=1e-3, atol=1e-3 * float(reference.norm()))
 
 
-def test_cagrad_is_the_mean_gradient_for_c_zero_and_improves_the_worst_task_otherwise():
+@pytest.mark.parametrize("c", [0.4, 0.8])
+def test_cagrad_is_the_mean_gradient_for_c_zero_and_improves_the_worst_task_otherwise(c):
     mean = CONFLICTING.mean(0)
     grad, used = shared_grad("cagrad", CONFLICTING, c=0.0)
     assert torch.allclose(grad, mean, atol=1e-6) and torch.allclose(used, torch.full((2,), 0.5))
-    grad, _ = shared_grad("cagrad", CONFLICTING)  # c = 0.4
-    assert math.isclose(float((grad - mean).norm()), 0.4 * float(mean.norm()), rel_tol=1e-4)
+    grad, _ = shared_grad("cagrad", CONFLICTING, c=c)  # on the sphere of radius c |g0|
+    assert math.isclose(float((grad - mean).norm()), c * float(mean.norm()), rel_tol=1e-4)
     assert (CONFLICTING @ grad).min() > (CONFLICTING @ mean).min() + 0.1
 
 
@@ -345,12 +394,15 @@ def test_nash_mtl_reuses_its_weights_between_updates(every):
         build("nash_mtl", update_weights_every=0)
 
 
-def test_aligned_mtl_averages_the_aligned_gradients_of_condition_number_one():
-    grads = torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+@pytest.mark.parametrize("scale_mode", ["min", "median", "rmse"])
+def test_aligned_mtl_averages_the_aligned_gradients_of_condition_number_one(scale_mode):
+    grads = torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, -1.0, 2.0]])
     u, s, vt = torch.linalg.svd(grads, full_matrices=False)
-    aligned = s.min() * u @ vt  # every singular value equal to the smallest of the gradients'
-    assert torch.allclose(torch.linalg.svdvals(aligned), s.min().expand(2))
-    grad, _ = shared_grad("aligned_mtl", grads)
+    # every singular value equal to the smallest, the middle, or the root mean square of G's
+    scale = {"min": s.min(), "median": s.median(), "rmse": s.square().mean().sqrt()}[scale_mode]
+    aligned = scale * u @ vt
+    assert torch.allclose(torch.linalg.svdvals(aligned), scale.expand(3))
+    grad, _ = shared_grad("aligned_mtl", grads, scale_mode=scale_mode)
     assert torch.allclose(grad, aligned.mean(0), atol=1e-5)
 
 
