@@ -571,8 +571,9 @@ class AlignedMTL(GradientMethod):
     Alignment for Multi-Task Learning"): the task gradients G = U S V^T are replaced by the
     aligned ones scale * U V^T, whose singular values are all equal (condition number 1, no
     dominating or conflicting component), and averaged (torchjd). ``scale_mode``: "min" (the
-    smallest singular value, as LibMTL), "median" (the middle one), or "rmse" (their root mean
-    square, which torchjd says the original code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
+    smallest singular value, as LibMTL), "median" (the middle one, the lower of two middle ones:
+    "min" for two tasks), or "rmse" (their root mean square, which torchjd says the original
+    code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
     sums them: the update is K times smaller."""
 
     def __init__(self, task_names: Sequence[str], *, scale_mode: str, level: str):
