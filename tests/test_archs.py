@@ -62,6 +62,72 @@ def test_shared_parameters_are_exactly_those_every_task_loss_depends_on(arch, op
                                         else [(NAMES, model)])
 
 
+def shared_linears_read_by_no_other(model, inputs) -> list[torch.nn.Parameter]:
+    """The weights of the shared linear layers whose output no other shared linear layer reads,
+    directly or not: the last shared layer before the towers, read off the autograd graph."""
+    shared = {id(p) for p in model.shared_parameters()}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in shared]
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, out: outputs.__setitem__(m, out)) for m in linears]
+    model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return [m.weight for m in linears if not any(
+        torch.autograd.grad(outputs[other].sum(), outputs[m], retain_graph=True,
+                            allow_unused=True)[0] is not None
+        for other in linears if other is not m)]
+
+
+LAYER_CASES = [(a, None) for a in ARCHITECTURES] + [
+    ("ple", {"levels": 3}), ("mmoe", {"experts": 2}), ("cgc", {"shared_experts": 3})]
+
+
+@pytest.mark.parametrize("arch,options", LAYER_CASES)
+def test_last_shared_layer_is_shared_and_the_last_before_the_towers(arch, options):
+    model, inputs, data = setup(arch, options)
+    layer = model.last_shared_layer()
+    if arch == "stl":
+        assert layer == []
+        return
+    outputs = model(inputs)
+    for t in TASKS:  # every task's loss has a nonzero gradient on every matrix of the layer
+        loss = t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name])
+        grads = torch.autograd.grad(loss, layer, retain_graph=True)
+        assert all(bool(g.abs().sum() > 0) for g in grads), t.name
+    assert {id(p) for p in layer} == {id(p) for p in shared_linears_read_by_no_other(model, inputs)}
+    expected = {"hps": 1, "mtan": 1, "cross_stitch": len(TASKS), "mmoe": 4, "cgc": 2, "ple": 2}
+    expected |= {"ple-levels": 2, "mmoe-experts": 2, "cgc-shared_experts": 3}
+    key = arch if options is None else f"{arch}-{next(iter(options))}"
+    assert len(layer) == expected[key] and all(p.shape == (8, 16) for p in layer)
+
+
+def test_each_task_reaches_only_its_own_row_of_the_last_stitch_unit():
+    """Why the last stitch unit is not cross_stitch's last shared layer: per entry, only one
+    task's loss depends on it."""
+    model, inputs, data = setup("cross_stitch")
+    outputs = model(inputs)
+    for k, t in enumerate(TASKS):
+        loss = t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name])
+        grad = torch.autograd.grad(loss, model.stitches[-1], retain_graph=True)[0]
+        assert (grad[k] != 0).all() and (grad[torch.arange(3) != k] == 0).all()
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "stl"])
+def test_without_hidden_layers_the_last_shared_layer_is_the_encoders(arch):
+    model, _, _ = setup(arch, hidden=())
+    assert [id(p) for p in model.last_shared_layer()] == [id(model.encoder.embeddings[0].weight)]
+
+
+@pytest.mark.parametrize("arch,options,counts", [
+    ("mmoe", {"experts": 3}, [(3, 0)]),
+    ("cgc", {"shared_experts": 3, "task_experts": 2}, [(3, 2)]),
+    ("ple", {"shared_experts": 1, "task_experts": 2, "levels": 3}, [(1, 2)] * 3)])
+def test_expert_options_set_the_number_of_experts_per_level(arch, options, counts):
+    model, inputs, _ = setup(arch, options)
+    assert [(len(level.shared), len(level.specific["kind"])) for level in model.levels] == counts
+    assert [g["kind"].shape[1] for g in model.gates(inputs)] == [a + b for a, b in counts]
+
+
 def test_arch_options_are_the_constructor_defaults():
     classes = {"hps": archs.HPS, "stl": archs.STL, "mmoe": archs.MMoE, "cgc": archs.CGC,
                "ple": archs.PLE, "cross_stitch": archs.CrossStitch, "mtan": archs.MTAN}

@@ -10,7 +10,14 @@ import torch
 
 from mtl.config import load_params
 from mtl.engine import weighting
-from mtl.engine.trainer import CheckpointMismatch, FitOptions, TaskData, fit, resolve_precision
+from mtl.engine.trainer import (
+    CheckpointMismatch,
+    FitOptions,
+    TaskData,
+    fit,
+    make_optimizer,
+    resolve_precision,
+)
 from mtl.errors import UserError
 from tests.test_engine import TASKS, make_bundle, make_table
 
@@ -32,10 +39,11 @@ def options(**kw) -> FitOptions:
                           "progress": False} | kw))
 
 
-def run(data: TaskData, arch: str = "hps", method: str = "ew", **kw):
+def run(data: TaskData, arch: str = "hps", method: str = "ew", method_options: dict | None = None,
+        **kw):
     """Train a fresh model; returns (model, weighting, per-epoch logs)."""
     net, logs = model(arch), []
-    w = weighting.build(method, NAMES)
+    w = weighting.build(method, NAMES, options=method_options)
     fit(net, TASKS, w, data, data, options(**kw), on_epoch=lambda e, log: logs.append(log))
     return net, w, logs
 
@@ -72,6 +80,30 @@ def test_plateau_decays_after_epochs_without_a_better_validation_loss(data):
     # warm-up epoch 0; from epoch 1 on, a decay after 2 epochs without improvement
     assert [log["lr"] for log in logs] == pytest.approx(
         [lr / 2, lr, lr, lr, lr / 2, lr / 2, lr / 4], rel=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_weight_decay_leaves_the_weightings_own_parameters_alone(optimizer):
+    """With zero gradients, weight decay alone moves a parameter: the model's by lr x decay x
+    itself, the weighting's (uw's log-variances, gradnorm's logits) not at all."""
+    own, net = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    step = make_optimizer([net], [own], options(optimizer=optimizer, lr=1.0, weight_decay=0.5),
+                          torch.device("cpu"))
+    own.grad, net.grad = torch.zeros(2), torch.zeros(3)
+    step.step()
+    assert torch.equal(own.detach(), torch.ones(2))
+    assert torch.allclose(net.detach(), torch.full((3,), 0.5))
+
+
+@pytest.mark.parametrize("method,own", [("ew", 0), ("uw", 1), ("gradnorm", 1), ("imtl", 1)])
+def test_fit_gives_the_weightings_parameters_a_group_without_weight_decay(data, tmp_path, method,
+                                                                         own):
+    path = tmp_path / "checkpoint.pt"
+    fit(model(), TASKS, weighting.build(method, NAMES), data, data,
+        options(epochs=1, weight_decay=0.1), checkpoint=path)
+    groups = torch.load(path, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0][:1 + own]
+    assert [len(g["params"]) for g in groups[1:]] == [1] * own
 
 
 def test_sgd_with_momentum_trains(data):
@@ -130,17 +162,21 @@ def scramble_rng() -> None:
     random.seed(12345)
 
 
-@pytest.mark.parametrize("arch,method", [("hps", "ew"), ("hps", "uw"), ("stl", "ew"),
-                                         ("hps", "dwa"), ("hps", "famo"), ("hps", "rlw"),
-                                         ("hps", "db_mtl")])
-def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method):
+@pytest.mark.parametrize("arch,method,method_options", [
+    ("hps", "ew", None), ("hps", "uw", None), ("stl", "ew", None), ("hps", "dwa", None),
+    ("hps", "famo", None), ("hps", "rlw", None), ("hps", "db_mtl", None), ("hps", "gradnorm", None),
+    ("hps", "imtl", None),
+    # 8 steps an epoch: the resumed run's first step (24) reuses the weights of step 20
+    ("hps", "nash_mtl", {"update_weights_every": 5})])
+def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method, method_options):
     """6 epochs in one go, or 3 epochs and then a resumed run to 6: the same final weights."""
-    whole, w_whole, logs = run(data, arch, method)
+    whole, w_whole, logs = run(data, arch, method, method_options)
     first = model(arch)
-    fit(first, TASKS, weighting.build(method, NAMES), data, data, options(epochs=3),
-        checkpoint=tmp_path / "checkpoint.pt")
+    fit(first, TASKS, weighting.build(method, NAMES, options=method_options), data, data,
+        options(epochs=3), checkpoint=tmp_path / "checkpoint.pt")
     scramble_rng()
-    resumed, w_resumed, later = model(arch), weighting.build(method, NAMES), []
+    resumed, later = model(arch), []
+    w_resumed = weighting.build(method, NAMES, options=method_options)
     result = fit(resumed, TASKS, w_resumed, data, data, options(), on_epoch=lambda e, log: later.append(log),
                  checkpoint=tmp_path / "checkpoint.pt", resume=True)
     assert result.resumed_at == 3 and result.epochs_run == 6 and later == logs[3:]

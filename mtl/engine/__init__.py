@@ -32,8 +32,8 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
     "mgda": {"level": "params"},
     "pcgrad": {"level": "params"},
     "cagrad": {"c": 0.4, "level": "params"},
-    "imtl": {"level": "params"},
-    "nash_mtl": {"max_norm": 1.0, "level": "params"},
+    "imtl": {"loss_scale": True, "level": "params"},  # loss_scale false: IMTL-G alone
+    "nash_mtl": {"max_norm": 1.0, "update_weights_every": 1, "level": "params"},
     "aligned_mtl": {"scale_mode": "min", "level": "params"},  # or "median", "rmse"
     "upgrad": {"level": "params"},
 }

@@ -7,6 +7,8 @@ Every model maps ``inputs`` (a dict of tensors) to ``{task name: output}`` and a
   representation all task heads read (for representation-level gradient methods), or None when
   the architecture has no single one;
 - ``shared_parameters()``: the parameters every task's loss depends on;
+- ``last_shared_layer()``: the weight matrices of the last shared layer before the task
+  towers (GradNorm's W); with no hidden layer, the encoder's weight matrices;
 - ``selection_groups()``: (tasks, module) pairs; the tasks' summed validation loss picks the best
   epoch of the module's weights.
 
@@ -15,7 +17,7 @@ A model reads its encoder only through ``encoder(inputs) -> [N, encoder.out_dim]
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
 
 import torch
@@ -44,6 +46,16 @@ def _out_width(in_dim: int, widths: Sequence[int]) -> int:
     return widths[-1] if widths else in_dim
 
 
+def _last_layer(parts: Iterable[nn.Module], encoder: nn.Module) -> list[nn.Parameter]:
+    """The weight of the last ``nn.Linear`` of each part; where the parts have none (no hidden
+    layer), every weight matrix of the encoder."""
+    weights = []
+    for part in parts:
+        linears = [m for m in part.modules() if isinstance(m, nn.Linear)]
+        weights += [linears[-1].weight] if linears else []
+    return weights or [p for p in encoder.parameters() if p.ndim >= 2]
+
+
 def _towers(in_dim: int, tasks: Sequence[Task], head_hidden: Sequence[int],
             dropout: float) -> nn.ModuleDict:
     """Per task a small tower and its output layer."""
@@ -55,7 +67,8 @@ def _towers(in_dim: int, tasks: Sequence[Task], head_hidden: Sequence[int],
 
 class HPS(nn.Module):
     """Hard parameter sharing (Caruana 1997, "Multitask Learning"): one encoder and trunk shared
-    by all tasks, then a small tower and output layer per task."""
+    by all tasks, then a small tower and output layer per task. Last shared layer: the trunk's
+    last linear layer (without a trunk, the encoder)."""
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
                  head_hidden: Sequence[int], dropout: float):
@@ -73,6 +86,9 @@ class HPS(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.trunk.parameters()]
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return _last_layer([self.trunk], self.encoder)
 
     def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
         return [(list(self.heads), self)]
@@ -97,6 +113,9 @@ class STL(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return []  # nothing is shared
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return []
 
     def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
         return [([name], member) for name, member in self.members.items()]
@@ -149,6 +168,8 @@ class PLE(nn.Module):
     experts; at each level but the last also the task experts and the shared gate (the shared
     gate mixes them into what every task reads next); and the task gates of levels two or more
     before the last (they feed their task's next experts, which the next shared gate reads).
+    Last shared layer: the last linear layer of every shared expert of the last level, as one
+    W (every task's gate reads every shared expert; no shared weight lies after them).
     """
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
@@ -198,6 +219,9 @@ class PLE(nn.Module):
                 params += level.gates.parameters()
         return params
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return _last_layer(self.levels[-1].shared, self.encoder)
+
     def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
         return [(list(self.heads), self)]
 
@@ -206,7 +230,8 @@ class CGC(PLE):
     """Customized Gate Control (Tang et al. 2020, "Progressive Layered Extraction (PLE)"): PLE
     with one level. Each task's softmax gate mixes its own ``task_experts`` experts and the
     ``shared_experts`` shared ones; no task reads another task's experts. Shared parameters:
-    the encoder and the shared experts."""
+    the encoder and the shared experts; last shared layer: the shared experts' last linear
+    layers."""
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
                  head_hidden: Sequence[int], dropout: float, shared_experts: int = 2,
@@ -221,7 +246,7 @@ class MMoE(PLE):
     expert MLPs (widths ``hidden``) on the encoded inputs, and per task a softmax gate over all
     of them feeding the task's tower; it is CGC without task experts. Shared parameters: the
     encoder and the experts (every gate gives every expert a positive weight); the gates are
-    per task."""
+    per task. Last shared layer: every expert's last linear layer, as one W."""
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
                  head_hidden: Sequence[int], dropout: float, experts: int = 4):
@@ -243,6 +268,9 @@ class CrossStitch(nn.Module):
 
     Shared parameters: the encoder, the stitch units and also every column, since each column
     reaches every task through the off-diagonal stitch weights; only the towers are per task.
+    Last shared layer: the last linear layer of every column, as one W. Not the last stitch
+    unit: though every task's loss reaches it, task k's gradient on it lies in row k alone
+    (only tower k reads mixed column k), so per entry it is a task-specific parameter.
     """
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
@@ -268,6 +296,9 @@ class CrossStitch(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.columns.parameters(), *self.stitches]
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return _last_layer(self.columns.values(), self.encoder)
+
     def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
         return [(list(self.heads), self)]
 
@@ -281,7 +312,8 @@ class MTAN(nn.Module):
     paper's attention modules are convolutions between ResNet/SegNet blocks; here each is one
     linear layer between trunk layers.
 
-    Shared parameters: the encoder and the trunk; the attention layers are per task.
+    Shared parameters: the encoder and the trunk; the attention layers are per task. Last
+    shared layer: the trunk's last linear layer (without a trunk, the encoder).
     """
 
     def __init__(self, encoder: nn.Module, tasks: Sequence[Task], hidden: Sequence[int],
@@ -322,6 +354,9 @@ class MTAN(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.trunk.parameters()]
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return _last_layer([self.trunk], self.encoder)
 
     def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
         return [(list(self.heads), self)]

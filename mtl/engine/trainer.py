@@ -183,15 +183,23 @@ def predict(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int =
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def make_optimizer(params: list[nn.Parameter], options: FitOptions,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model_params: list[nn.Parameter], weighting_params: list[nn.Parameter],
+                   options: FitOptions, device: torch.device) -> torch.optim.Optimizer:
     """AdamW or SGD; the fused implementation on CPU and CUDA (on CPU, AdamW's step takes a
-    fifth of the time of the default one for the small networks of tabular data)."""
+    fifth of the time of the default one for the small networks of tabular data).
+
+    The weighting's own parameters (UW's log-variances, GradNorm's logits, IMTL-L's scales) form
+    a second group without weight decay: decay would pull them toward 0, i.e. toward equal
+    weights, which none of their papers asks for. Every model parameter, biases and norms
+    included, keeps ``weight_decay`` (exempting those, as nanoGPT does, awaits a measurement)."""
     fused = device.type in ("cpu", "cuda") or None
+    groups = [{"params": model_params}]
+    if weighting_params:
+        groups.append({"params": weighting_params, "weight_decay": 0.0})
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay,
+        return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay,
                                  fused=fused)
-    return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
+    return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum,
                            weight_decay=options.weight_decay, fused=fused)
 
 
@@ -275,11 +283,12 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     precision = resolve_precision(options.precision, device)
     generator = torch.Generator().manual_seed(options.seed)
     params = list(model.parameters()) + list(weighting.parameters())
-    optimizer = make_optimizer(params, options, device)
+    optimizer = make_optimizer(list(model.parameters()), list(weighting.parameters()), options,
+                               device)
     schedule, plateau = make_schedules(optimizer, options)
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
-    shared = model.shared_parameters()
+    shared, layer = model.shared_parameters(), model.last_shared_layer()
     heads = [p for p in model.parameters() if all(p is not q for q in shared)]
     # Clipping is per selection group, so that STL's networks stay independent of each other.
     clipped = [list(module.parameters()) for _, module in groups] if options.clip_grad_norm else []
@@ -323,7 +332,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     values = losses.tolist()  # on CPU 20 times cheaper than torch.isfinite(losses)
                     finite = all(map(math.isfinite, values))
                     if finite:
-                        step = Step(shared, features, epoch, head_params=heads, task_losses=each,
+                        step = Step(shared, features, epoch, head_params=heads,
+                                    last_shared_layer=layer, task_losses=each,
                                     processes=processes,
                                     mean_over_processes=distributed.mean_over_processes)
                         step_weights.append(weighting.backward(losses, step) if k == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ class Step:
     features: torch.Tensor | None = None  # the shared representation the heads read, if any
     epoch: int = 0
     head_params: list[nn.Parameter] = field(default_factory=list)  # the model's other parameters
+    # The weights of the model's last shared layer (``last_shared_layer()`` of mtl.engine.archs).
+    last_shared_layer: list[nn.Parameter] = field(default_factory=list)
     # The losses as separate tensors: the gradient of one element of the stacked tensor goes
     # back through every task's head (with zeros), that of a separate loss through its own only.
     task_losses: list[torch.Tensor] | None = None
@@ -161,14 +163,16 @@ class RLW(Weighting):
 class GradNorm(Weighting):
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich 2018, "GradNorm: Gradient Normalization
     for Adaptive Loss Balancing in Deep Multitask Networks"). With G_k = w_k |grad_W L_k| the
-    norm of task k's weighted gradient on W, the last shared parameter with ndim >= 2 (the
-    paper's last shared layer), and r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) its relative
-    inverse training rate (L(0): the losses of the first step), the weights descend the loss
-    sum_k |G_k - mean(G) r_k^alpha| (the target held constant) while the network descends
-    sum_k w_k L_k. Tasks that train slower or have smaller gradients gain weight. The weights are
-    K softmax(logits), positive and summing to K by construction; the paper instead updates w
-    directly and renormalises it to sum to K after every step. Without shared parameters (STL)
-    the losses are summed."""
+    norm of task k's weighted gradient on W, the weights of the last shared layer (Section 3.2:
+    "generally chosen as the last shared layer of weights"; each architecture names its own,
+    ``Step.last_shared_layer``; several matrices count as one W, the norm is over all of them),
+    and r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0)) its relative inverse training rate (L(0):
+    the losses of the first step), the weights descend the loss sum_k |G_k - mean(G) r_k^alpha|
+    (the target held constant) while the network descends sum_k w_k L_k. Tasks that train
+    slower or have smaller gradients gain weight. The weights are K softmax(logits), positive
+    and summing to K by construction; the paper instead updates w directly and renormalises it
+    to sum to K after every step. The authors published no code. Without shared parameters
+    (STL) the losses are summed."""
 
     loss_backward = False
 
@@ -187,16 +191,17 @@ class GradNorm(Weighting):
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if not step.shared_params:
             return _sum_backward(losses)
-        matrices = [p for p in step.shared_params if p.ndim >= 2]
-        if not matrices:
-            raise ValueError("gradnorm needs a shared weight matrix (a parameter with ndim >= 2)")
+        layer = step.last_shared_layer
+        if not layer:
+            raise ValueError("gradnorm needs a shared layer of weights, and this model has none "
+                             "(no hidden layer over an encoder without weights): set train.hidden")
         if self.initial_losses is None:
             self.initial_losses = losses.detach().clone()
         weights = len(losses) * torch.softmax(self.logits, dim=0)
-        grads = torch.stack([torch.autograd.grad(loss, matrices[-1], retain_graph=True)[0]
-                             for loss in _each(losses, step)])
+        grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+            loss, layer, retain_graph=True)]) for loss in _each(losses, step)])
         step.mean_over_processes([grads])
-        grad_norms = weights * grads.flatten(1).norm(dim=1)
+        grad_norms = weights * grads.norm(dim=1)
         rates = losses.detach() / self.initial_losses
         target = (grad_norms.mean() * (rates / rates.mean()) ** self.alpha).detach()
         (grad_norms - target).abs().sum().backward(inputs=[self.logits])
@@ -291,6 +296,49 @@ def _jacobian_backward(losses: list[torch.Tensor], step: Step) -> None:
 LEVELS = ("params", "features")
 
 
+def _checked_level(level: str) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be 'params' or 'features', not '{level}'")
+    return level
+
+
+def _features_gradients(losses: list[torch.Tensor], step: Step, others: Sequence[torch.Tensor] = ()
+                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor | None, ...]]]:
+    """Per task, its loss's gradient over the shared representation (zeros where the loss does
+    not reach it), stacked [K, rows, ...], and its gradients over ``others`` (None where
+    unused): one backward pass per task through the heads."""
+    features = step.features
+    if features is None:
+        raise ValueError("level 'features' needs a model with one shared representation "
+                         "(this architecture gives none); use level 'params'")
+    per_task = [torch.autograd.grad(loss, [features, *others], retain_graph=True,
+                                    allow_unused=True) for loss in losses]
+    grads = torch.stack([torch.zeros_like(features) if g[0] is None else g[0] for g in per_task])
+    return grads, [g[1:] for g in per_task]
+
+
+def _features_gramian(grads: torch.Tensor, step: Step) -> torch.Tensor:
+    """The whole batch's K x K Gramian of the representation gradients ``grads`` [K, rows, ...]
+    (fp32, also under bf16). The rows of the whole batch's G are spread over the processes, each
+    scaled by their number: its Gramian is the processes' mean Gramian over that number."""
+    matrix = grads.flatten(1).float()
+    gramian = matrix @ matrix.T
+    step.mean_over_processes([gramian])
+    return gramian / step.processes
+
+
+def _params_gramian(losses: list[torch.Tensor], step: Step) -> torch.Tensor:
+    """The whole batch's K x K Gramian of the task gradients over the shared parameters, from
+    torchjd's batched Jacobian (averaged over the processes); ``.grad`` is left as it was."""
+    autojac.backward(losses, inputs=step.shared_params, retain_graph=True)
+    jacobians = [p.jac for p in step.shared_params]
+    for p in step.shared_params:
+        del p.jac
+    step.mean_over_processes(jacobians)
+    matrix = torch.cat([j.flatten(1) for j in jacobians], dim=1).float()
+    return matrix @ matrix.T
+
+
 class GradientMethod(Weighting):
     """Base of the gradient methods: task-specific parameters get their own task's gradient, the
     shared parameters an aggregation (a torchjd ``Aggregator``) of the per-task gradients.
@@ -307,11 +355,9 @@ class GradientMethod(Weighting):
     loss_backward = False
 
     def __init__(self, task_names: Sequence[str], aggregator: Aggregator, level: str = "params"):
-        if level not in LEVELS:
-            raise ValueError(f"level must be 'params' or 'features', not '{level}'")
         super().__init__(task_names)
         self.aggregator = aggregator
-        self.level = level
+        self.level = _checked_level(level)
 
     def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
         if not step.shared_params:
@@ -327,22 +373,10 @@ class GradientMethod(Weighting):
         the trunk then gets sum_k w_k G_k, each head its own loss's gradient. One backward pass
         per task through the heads (for G_k and the heads' gradients together), one through the
         trunk."""
-        if step.features is None:
-            raise ValueError("level 'features' needs a model with one shared representation "
-                             "(this architecture gives none); use level 'params'")
-        inputs = [step.features, *step.head_params]
-        per_task = [torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-                    for loss in _each(losses, step)]
-        grads = torch.stack([torch.zeros_like(step.features) if g[0] is None else g[0]
-                             for g in per_task])
-        matrix = grads.flatten(1).float()  # fp32 also under bf16
-        # The rows of the whole batch's G are spread over the processes, each scaled by their
-        # number: its Gramian is the processes' mean Gramian over that number.
-        gramian = matrix @ matrix.T
-        step.mean_over_processes([gramian])
-        weights = self.aggregator.gramian_weighting(gramian / step.processes)
-        for i, p in enumerate(step.head_params, start=1):
-            for grad in (g[i] for g in per_task if g[i] is not None):
+        grads, head_grads = _features_gradients(_each(losses, step), step, step.head_params)
+        weights = self.aggregator.gramian_weighting(_features_gramian(grads, step))
+        for i, p in enumerate(step.head_params):
+            for grad in (g[i] for g in head_grads if g[i] is not None):
                 p.grad = grad if p.grad is None else p.grad + grad
         step.features.backward(torch.tensordot(weights.to(grads.dtype), grads, dims=1))
         return weights.detach()
@@ -419,64 +453,117 @@ class CAGrad(GradientMethod):
 
 
 class IMTL(GradientMethod):
-    """IMTL-G (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang 2021, "Towards Impartial Multi-task
-    Learning"): weights summing to 1 such that the update has the same projection on every unit
-    task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly dependent
-    gradients are allowed). The paper applies it to the gradients over the shared
-    representation: ``level="features"``."""
+    """IMTL (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang 2021, "Towards Impartial Multi-task
+    Learning"), the paper's hybrid of its two halves.
 
-    def __init__(self, task_names: Sequence[str], *, level: str):
+    IMTL-L (``loss_scale``): a learnable s_k per task and the scaled losses e^{s_k} L_k - s_k,
+    whose minimum over s_k is at e^{s_k} L_k = 1: every scaled loss tends to the same value. Like
+    a head, s_k gets its own scaled loss's gradient (the trainer's optimizer steps it, without
+    weight decay). IMTL-G: the shared parameters get sum_k alpha_k g_k of the scaled losses'
+    gradients g_k, with alpha summing to 1 such that the update has the same projection on
+    every unit task gradient (torchjd's IMTLG, which uses a pseudo-inverse so that linearly
+    dependent gradients are allowed). ``loss_scale=False`` is IMTL-G alone. The paper applies
+    IMTL-G to the gradients over the shared representation: ``level="features"``. Returns
+    alpha_k e^{s_k}, the weights of the unscaled losses in the shared update."""
+
+    def __init__(self, task_names: Sequence[str], *, loss_scale: bool, level: str):
         super().__init__(task_names, aggregation.IMTLG(), level)
+        self.log_scale = nn.Parameter(torch.zeros(len(self.task_names))) if loss_scale else None
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.log_scale is None:
+            return super().backward(losses, step)
+        scales = torch.exp(self.log_scale)
+        scaled = [scales[k] * loss - self.log_scale[k] for k, loss in enumerate(_each(losses, step))]
+        step = replace(step, task_losses=scaled, head_params=[*step.head_params, self.log_scale])
+        return super().backward(torch.stack(scaled), step) * scales.detach()
 
 
-class NashBargaining(aggregation.Weighting):
+def nash_bargaining(gramian: torch.Tensor) -> torch.Tensor:
     """The weights alpha > 0 of the Nash bargaining solution for the Gramian M = G G^T of the
     task gradients: (M alpha) * alpha = 1. They minimise the strictly convex, self-concordant
     f(alpha) = alpha^T M alpha / 2 - sum log alpha, found by damped Newton steps (which keep
-    alpha > 0). Then, if ``max_norm`` > 0, alpha is scaled so that |G^T alpha| <= max_norm."""
-
-    def __init__(self, max_norm: float):
-        super().__init__()
-        self.max_norm = max_norm
-
-    def forward(self, gramian: torch.Tensor, /) -> torch.Tensor:
-        m = gramian.cpu().double()  # K x K: cheap on the CPU, and float64 (which MPS lacks)
-        alpha = 1 / m.diagonal().sqrt()  # the solution when the gradients are orthogonal
-        for _ in range(100):
-            grad = m @ alpha - 1 / alpha
-            newton, singular = torch.linalg.solve_ex(m + torch.diag(alpha ** -2), grad)
-            decrement = float(grad @ newton) ** 0.5
-            if singular or not math.isfinite(decrement):  # diverged: alpha grew without bound
-                break
-            alpha = alpha - newton / (1 + decrement)
-            if decrement < 1e-9:
-                break
-        if not torch.allclose((m @ alpha) * alpha, torch.ones_like(alpha), atol=1e-6):
-            raise RuntimeError("nash_mtl: no Nash bargaining solution: some non-negative "
-                               "combination of the task gradients is zero (e.g. a task "
-                               "without labelled rows in the batch)")
-        norm = float(alpha @ m @ alpha) ** 0.5
-        if self.max_norm > 0 and norm > self.max_norm:
-            alpha = alpha * self.max_norm / norm
-        return alpha.to(gramian)
+    alpha > 0)."""
+    m = gramian.cpu().double()  # K x K: cheap on the CPU, and float64 (which MPS lacks)
+    alpha = 1 / m.diagonal().sqrt()  # the solution when the gradients are orthogonal
+    for _ in range(100):
+        grad = m @ alpha - 1 / alpha
+        newton, singular = torch.linalg.solve_ex(m + torch.diag(alpha ** -2), grad)
+        decrement = float(grad @ newton) ** 0.5
+        if singular or not math.isfinite(decrement):  # diverged: alpha grew without bound
+            break
+        alpha = alpha - newton / (1 + decrement)
+        if decrement < 1e-9:
+            break
+    if not torch.allclose((m @ alpha) * alpha, torch.ones_like(alpha), atol=1e-6):
+        raise RuntimeError("nash_mtl: no Nash bargaining solution: some non-negative "
+                           "combination of the task gradients is zero (e.g. a task "
+                           "without labelled rows in the batch)")
+    return alpha.to(gramian)
 
 
-class NashMTL(GradientMethod):
+class NashMTL(Weighting):
     """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya 2022, "Multi-Task
-    Learning as a Bargaining Game"): the update sum_k alpha_k g_k with (G^T G alpha) * alpha = 1,
-    the Nash bargaining solution: every task's directional derivative alpha_k g_k^T d is 1, so
-    the update is invariant to each loss's scale. The update's norm is then clipped to
-    ``max_norm`` (the official code clips the shared gradient to 1).
+    Learning as a Bargaining Game"), as the official code (AvivNavon/nash-mtl, ``NashMTL``)
+    runs it. The weights alpha > 0 solve (G G^T alpha) * alpha = 1 for the task gradients G
+    (``nash_bargaining``): along the shared update d = G^T alpha every task's directional
+    derivative alpha_k g_k . d is 1, and d does not depend on the losses' scales (multiplying
+    every gradient by c divides alpha by c). The network then descends sum_k alpha_k L_k, so
+    the task-specific parameters (heads) get alpha-scaled gradients too. Every
+    ``update_weights_every`` steps alpha is solved anew; the steps between reuse the last one
+    (and need no per-task gradients). If ``max_norm`` > 0, the shared parameters' gradient (the
+    whole batch's) is then clipped to that norm, as ``clip_grad_norm_`` right after
+    ``loss.backward()`` does there: the shared update is min(1, max_norm / |d|) d, while the
+    heads' gradients and the returned alpha are not clipped. ``train.clip_grad_norm`` clips
+    again, after it; under gradient accumulation this clipping is per micro-batch.
 
-    Own solver, not torchjd's NashMTL: that one (like the official code) approximates the
-    condition with at most 20 convex-concave steps through cvxpy and, when the solver fails,
-    silently reuses the previous weights (equal weights at first); on two conflicting gradients
-    such as [1, 0] and [-1, 1] its weights are far from the condition (measured). Here the
-    condition is solved exactly (Newton), and an error is raised when no solution exists."""
+    Differences from the official code. (1) The solver: theirs approximates the condition by at
+    most 20 (``optim_niter``) convex-concave steps through cvxpy's ECOS from the last alpha and,
+    when ECOS fails, silently keeps the last alpha (ones at first; on the gradients [1, 0] and
+    [-1, 1] it returns (1, 1)). Here damped Newton steps solve the condition exactly, and an
+    error is raised when no solution exists. Where theirs converges, the weights agree (tested
+    against torchjd's port); the division of their Gram matrix by its Frobenius norm only
+    rescales the problem, since their constraint multiplies alpha by the same norm. (2)
+    ``level="features"`` (ours) solves for alpha from the gradients over the shared
+    representation instead of the shared parameters."""
 
-    def __init__(self, task_names: Sequence[str], *, max_norm: float, level: str):
-        super().__init__(task_names, aggregation.GramianWeightedAggregator(NashBargaining(max_norm)),
-                         level)
+    loss_backward = False
+
+    def __init__(self, task_names: Sequence[str], *, max_norm: float, update_weights_every: int,
+                 level: str):
+        if update_weights_every < 1:
+            raise ValueError(f"nash_mtl: update_weights_every must be at least 1, "
+                             f"not {update_weights_every}")
+        super().__init__(task_names)
+        self.max_norm, self.update_weights_every = max_norm, update_weights_every
+        self.level = _checked_level(level)
+        self.steps = 0
+        self.alpha: torch.Tensor | None = None
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps, "alpha": self.alpha}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps, self.alpha = state["steps"], state["alpha"]
+
+    def backward(self, losses: torch.Tensor, step: Step) -> torch.Tensor:
+        if not step.shared_params:
+            return _sum_backward(losses)
+        each = _each(losses, step)
+        if self.steps % self.update_weights_every == 0:
+            self.alpha = nash_bargaining(self._gramian(each, step))
+        self.steps += 1
+        sum(a * loss for a, loss in zip(self.alpha, each)).backward()
+        shared = [p.grad for p in step.shared_params if p.grad is not None]
+        step.mean_over_processes(shared)
+        if self.max_norm > 0:
+            nn.utils.clip_grad_norm_(step.shared_params, self.max_norm)
+        return self.alpha
+
+    def _gramian(self, losses: list[torch.Tensor], step: Step) -> torch.Tensor:
+        if self.level == "params":
+            return _params_gramian(losses, step)
+        return _features_gramian(_features_gradients(losses, step)[0], step)
 
 
 class AlignedMTL(GradientMethod):
@@ -484,8 +571,9 @@ class AlignedMTL(GradientMethod):
     Alignment for Multi-Task Learning"): the task gradients G = U S V^T are replaced by the
     aligned ones scale * U V^T, whose singular values are all equal (condition number 1, no
     dominating or conflicting component), and averaged (torchjd). ``scale_mode``: "min" (the
-    smallest singular value, as LibMTL), "median", or "rmse" (their mean, which torchjd says the
-    original code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
+    smallest singular value, as LibMTL), "median" (the middle one, the lower of two middle ones:
+    "min" for two tasks), or "rmse" (their root mean square, which torchjd says the original
+    code used). torchjd averages the aligned gradients (preference 1/K) where LibMTL
     sums them: the update is K times smaller."""
 
     def __init__(self, task_names: Sequence[str], *, scale_mode: str, level: str):
