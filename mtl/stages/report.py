@@ -96,16 +96,19 @@ AFFINITY = {"tasks": [str], "cosine": [[OPTIONAL_NUMBER]], "lookahead": [[OPTION
 def read_comparison(baseline: str) -> dict:
     """compare.json, with the structure compare writes and a row for ``baseline``."""
     table = read_json(paths.COMPARE_JSON)
-    problem = mismatch(table, COMPARISON)
-    if problem is None and baseline not in table:
-        problem = f"has no row for the baseline '{baseline}'"
-    unknown = [m for row in table.values() for ms in row["tasks"].values() for m in ms
-               if m not in HIGHER_IS_BETTER] if problem is None else []
-    if unknown:
-        problem = f"unknown metric '{unknown[0]}'"
-    if problem:
+    if problem := _comparison_problem(table, baseline):
         raise UserError(f"{paths.COMPARE_JSON}: {problem} (run 'mtl compare' again)")
     return table
+
+
+def _comparison_problem(table: object, baseline: str) -> str | None:
+    if problem := mismatch(table, COMPARISON):
+        return problem
+    if baseline not in table:
+        return f"has no row for the baseline '{baseline}'"
+    unknown = [m for row in table.values() for ms in row["tasks"].values() for m in ms
+               if m not in HIGHER_IS_BETTER]
+    return f"unknown metric '{unknown[0]}'" if unknown else None
 
 
 def read_curve(path: Path, retrain: str) -> dict[int, float]:
@@ -136,8 +139,8 @@ def mean_affinity(variant: str, seeds: list[int]) -> dict | None:
     """The variant's task-affinity summary averaged over the seeds that recorded one, or None."""
     files = {s: paths.model_dir(variant, s) / "affinity.json" for s in seeds}
     summaries = {s: read_json(f) for s, f in files.items() if f.is_file()}
+    first = next(iter(summaries), None)
     for seed, summary in summaries.items():
-        first = next(iter(summaries))
         problem = mismatch(summary, AFFINITY) or _not_square(summary)
         if problem is None and summary["tasks"] != summaries[first]["tasks"]:
             problem = (f"of tasks {summary['tasks']}, but {files[first]} of "
