@@ -5,10 +5,12 @@ project as it was.
 
 A module fixture builds a small project and runs ``mtl ingest``, ``augment`` and ``split`` once
 (real processes); each case copies it, plants its bad input, runs one command and compares a
-hash of every file. The cases in ``IN_A_PROCESS`` run ``python -m mtl`` as a subprocess; the
-others invoke the same typer app in this process (``CliRunner``), which saves the ~1 s start-up
-of each. Inputs with a documented handling instead of an error (missing feature values, a class
-that only test rows have, a very wide table, ...) have their own tests below the table."""
+hash of every file. The cases in ``IN_A_PROCESS`` and ``TRAINED_IN_A_PROCESS`` run
+``python -m mtl`` as a subprocess (among them those where a library's warnings would reach
+stderr, which pytest catches in this process); the others invoke the same typer app in this
+process (``CliRunner``), which saves the ~1 s start-up of each. Inputs with a documented
+handling instead of an error (missing feature values, a class that only test rows have, a very
+wide table, ...) have their own tests below the table."""
 
 from __future__ import annotations
 
@@ -432,8 +434,6 @@ CASES = [
 ]
 
 
-# In a real process, also where warnings (numpy's, torch's) would reach stderr: pytest catches
-# them in this one.
 IN_A_PROCESS = {"params-missing", "invalid-yaml", "duplicate-task-name", "unknown-arch", "set-without-equals",
                 "csv-not-utf8", "parquet-corrupt", "text-in-numeric-feature", "every-label-missing",
                 "schema-of-another-table", "split-with-empty-train", "overflow-in-regression-target"}

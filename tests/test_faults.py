@@ -3,6 +3,7 @@ leave behind, a full disk, read-only outputs, identical results from identical r
 killed training run that resumes."""
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -173,7 +174,7 @@ def test_a_half_encoded_split_is_removed_by_the_next_run(tmp_path, monkeypatch):
     params = load_params()
     for stage in (ingest, augment, split):
         stage.run(params)
-    schema, key = ingest_schema(), encoded.data_fingerprint(params)
+    schema, key = json.loads(paths.SCHEMA.read_text()), encoded.data_fingerprint(params)
     encoded.load(params, schema, key)
     half, whole = paths.ENCODED_DIR / ".0123456789abcdef.5e6f7a.tmp", paths.ENCODED_DIR / "whole"
     (half / "train").mkdir(parents=True)
@@ -181,12 +182,6 @@ def test_a_half_encoded_split_is_removed_by_the_next_run(tmp_path, monkeypatch):
     shutil.copytree(paths.ENCODED_DIR / key[:16], whole)
     encoded.load(params, schema, key)
     assert not half.exists() and whole.is_dir()
-
-
-def ingest_schema() -> dict:
-    import json
-
-    return json.loads(paths.SCHEMA.read_text())
 
 
 # --- a full disk and read-only outputs -------------------------------------------------------------
