@@ -26,9 +26,11 @@ ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params f
 SetOption = Annotated[list[str], typer.Option(
     "--set", "-S", help="Override a parameter, e.g. --set train.epochs=5 (value parsed as YAML).")]
 VariantOption = Annotated[str, typer.Option("--variant", "-v", help="A variant named in params.yaml.")]
-SeedOption = Annotated[list[int], typer.Option(
+# Seeds are read as text and checked with the params (mtl.stages.common.seeds_of), so that a
+# typo is one line, not typer's usage message.
+SeedOption = Annotated[list[str], typer.Option(
     "--seed", help="A seed of params.yaml's `seeds` (repeatable); default: each of them.")]
-OneSeedOption = Annotated[int | None, typer.Option(
+OneSeedOption = Annotated[str | None, typer.Option(
     "--seed", help="A seed of params.yaml's `seeds`; default: the first.")]
 
 

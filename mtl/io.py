@@ -5,11 +5,12 @@ from __future__ import annotations
 import codecs
 import collections
 import contextlib
+import errno
 import glob
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,9 +21,6 @@ import pyarrow.parquet as pq
 from mtl import sources
 from mtl.errors import UserError
 
-UMASK = os.umask(0)  # the process's umask (reading it means setting it; restored at once)
-os.umask(UMASK)
-
 # Strings read as missing values in CSV files ("?" is how UCI data sets mark them).
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
@@ -32,34 +30,136 @@ CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=
 BATCH_ROWS = 1 << 18
 
 
+# What a full disk, a read-only or forbidden place, or a file where a folder should be raise
+# while an output is written.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.EFBIG, errno.ENAMETOOLONG}
+
+
 @contextlib.contextmanager
-def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds,
-    so a failed or killed stage never leaves a half-written output behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would make outputs private to their writer
-    os.close(fd)
+def writing(path: Path | str) -> Iterator[None]:
+    """Turn a failure to write ``path`` (see ``WRITE_ERRNOS``) into one line naming it and the
+    reason, e.g. ``models/hps: cannot be written: no space left on device``."""
     try:
-        yield Path(tmp)
+        yield
+    except Exception as exc:
+        error = _write_error(exc)
+        if error is None:
+            raise
+        reason = os.strerror(error.errno).lower()
+        if error.filename and Path(error.filename) in Path(path).parents:  # e.g. a file in the way
+            reason += f" ({error.filename})"
+        raise UserError(f"{path}: cannot be written: {reason}") from None
+
+
+def _write_error(exc: BaseException | None) -> OSError | None:
+    """The OSError of ``WRITE_ERRNOS`` that ``exc`` is, or that torch's writers wrap in a
+    RuntimeError; None otherwise."""
+    while isinstance(exc, RuntimeError):
+        exc = exc.__cause__ or exc.__context__
+    return exc if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS else None
+
+
+def _unique(parent: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """A new ``parent/.<name>.<random>.tmp``, made by ``make`` (which fails if it exists)."""
+    for _ in range(100):
+        path = parent / f".{name}.{secrets.token_hex(6)}.tmp"
+        with contextlib.suppress(FileExistsError):
+            make(path)
+            return path
+    raise FileExistsError(f"{parent}: no free temporary name for {name}")
+
+
+def temp_file(parent: Path, name: str) -> Path:
+    """A new empty file for ``parent/name`` to be renamed from, with the mode a plain
+    ``open(..., "w")`` gives (0666 less the umask)."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    return _unique(parent, name, lambda p: os.close(os.open(p, flags, 0o666)))
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A new empty folder for ``parent/name`` to be renamed from (mode 0777 less the umask)."""
+    return _unique(parent, name, lambda p: os.mkdir(p, 0o777))
+
+
+def remove_leftovers(*outputs: Path | str) -> None:
+    """Remove the temporary files and folders (``.<name>.*.tmp``) that killed runs left next to
+    ``outputs``. Call it holding the stage's lock, so that no live run is writing them."""
+    for output in map(Path, outputs):
+        for stale in output.parent.glob(f".{glob.escape(output.name)}.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path | str) -> None:
+    """Fail with one line unless files can be created in ``folder`` (made if missing): checked
+    before a long run, rather than after it."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(temp_dir(folder, "probe"))
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A temporary file next to ``path``, renamed onto ``path`` if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_file(path.parent, path.name)
+    try:
+        yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def replace_dir(src: Path | str, dst: Path | str) -> None:
-    """Move the finished directory ``src`` onto ``dst``, replacing what was there; ``dst`` is
-    never left half-written (at worst, after a kill, the old copy waits under ``dst.old``)."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds,
+    so a failed or killed stage never leaves a half-written output behind (what a killed one
+    leaves, ``remove_leftovers`` removes). A failure to write is one line naming ``path``."""
+    path = Path(path)
+    with writing(path), _temporary(path) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: Path | str) -> Iterator[list[Path]]:
+    """``atomic_path`` for outputs that belong together: they are renamed into place only once
+    the block has written them all, so a failure leaves every previous output as it was. A
+    failure to write is one line naming their folder."""
+    with writing(os.path.commonpath(paths)), contextlib.ExitStack() as stack:
+        yield [stack.enter_context(_temporary(Path(path))) for path in paths]
+
+
+def replace_dirs(*moves: tuple[Path, Path]) -> None:
+    """Move each finished directory ``src`` onto its ``dst``, replacing what was there: all of
+    them, or none (a failed move undoes the earlier ones; a failure to write is one line naming
+    its ``dst``). A ``dst`` is never left half-written (at worst, after a kill, the old copy
+    waits under ``dst.old``)."""
+    done: list[tuple[Path, Path]] = []  # the renames made, to undo on failure
+    olds = []
+    try:
+        for src, dst in moves:
+            src, dst = Path(src), Path(dst)
+            old = dst.with_name(dst.name + ".old")
+            with writing(dst):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(old, ignore_errors=True)
+                if dst.exists():
+                    os.replace(dst, old)
+                    done.append((dst, old))
+                    olds.append(old)
+                os.replace(src, dst)
+                done.append((src, dst))
+    except BaseException:
+        for a, b in reversed(done):
+            os.replace(b, a)
+        raise
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_table(table: pa.Table, path: Path | str) -> None:
@@ -75,14 +175,6 @@ def write_json(obj: object, path: Path | str) -> None:
 def write_text(text: str, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_paths(*paths: Path | str) -> Iterator[list[Path]]:
-    """``atomic_path`` for outputs that belong together: they are renamed into place only once
-    the block has written them all, so a failure leaves every previous output as it was."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(path)) for path in paths]
 
 
 class RowGroupWriter:
@@ -113,14 +205,58 @@ class RowGroupWriter:
         self.writer.close()
 
 
-def read_json(path: Path | str) -> dict:
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file an earlier stage wrote; one line naming it if it cannot be read."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: file not found (run the stage that writes it first)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text (written by another tool?)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read: {os.strerror(exc.errno).lower()}") from None
+
+
+def read_json(path: Path | str) -> object:
+    """A JSON file an earlier stage wrote (its shape is the caller's to check)."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
         raise UserError(f"{path}: not valid JSON") from None
+
+
+NUMBER = (int, float)
+OPTIONAL_NUMBER = (type(None), int, float)
+
+
+def mismatch(value: object, structure: object, where: str = "") -> str | None:
+    """Where ``value`` (as read from a file) departs from ``structure``, in a few words, or None.
+    ``structure`` is a type or a tuple of types, ``[item]`` for a list (or tuple) of items,
+    ``{key: structure}`` for a dict with at least those keys, or ``{str: structure}`` for a dict
+    whose every value has that structure."""
+    name = f"field '{where}'" if where else "the file"
+    if isinstance(structure, dict):
+        if not isinstance(value, dict):
+            return f"{name} holds {type(value).__name__}, expected a dict"
+        pairs = [(key, structure[str]) for key in value] if str in structure else structure.items()
+        for key, inner in pairs:
+            inner_where = f"{where}.{key}" if where else str(key)
+            if key not in value:
+                return f"field '{inner_where}' is missing"
+            if problem := mismatch(value[key], inner, inner_where):
+                return problem
+        return None
+    if isinstance(structure, list):
+        if not isinstance(value, list | tuple):
+            return f"{name} holds {type(value).__name__}, expected a list"
+        return next(filter(None, (mismatch(item, structure[0], f"{where}[{i}]")
+                                  for i, item in enumerate(value))), None)
+    if not isinstance(value, structure):
+        types = structure if isinstance(structure, tuple) else (structure,)
+        return f"{name} holds {type(value).__name__}, expected {' or '.join(t.__name__ for t in types)}"
+    return None
 
 
 def read_table(path: Path | str) -> pa.Table:

@@ -1,21 +1,32 @@
-"""Training faults and reproducibility: non-finite losses, one run of a stage at a time, identical
-results from identical runs, and a killed training run that resumes."""
+"""Faults and reproducibility: non-finite losses, one run of a stage at a time, what killed runs
+leave behind, a full disk, read-only outputs, identical results from identical runs, and a
+killed training run that resumes."""
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from mtl import io as mtl_io
+from mtl import paths
+from mtl.config import load_params
 from mtl.engine import weighting
 from mtl.engine.trainer import FitOptions, NonFiniteLoss, TaskData, fit
+from mtl.errors import UserError
 from mtl.lock import stage_lock
-from tests.helpers import env, run
+from mtl.stages import augment, encoded, ingest, split
+from tests.helpers import REPO, env, run
 from tests.test_engine import TASKS, make_bundle, make_table
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params
 
@@ -109,6 +120,181 @@ def test_a_second_run_of_a_stage_fails_fast_while_the_first_holds_it(tmp_path, m
     assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in outputs] == before
     run(["mtl", "ingest"], root)  # released
     assert [p.stat().st_mtime_ns for p in outputs] != [m for _, m in before]
+
+
+# --- what killed runs leave behind ----------------------------------------------------------------
+
+LEFTOVERS = {ingest: ["data/ingested/.table.parquet.1a2b3c.tmp", "data/ingested/.schema.json.4d5e6f.tmp"],
+             augment: ["data/augmented/.table.parquet.7a8b9c.tmp"],
+             split: ["data/split/.train.parquet.0d1e2f.tmp", "data/split/.test.parquet.3a4b5c.tmp"]}
+
+
+def penguins_project(root: Path, **train) -> Path:
+    """The repository's params (penguins, built in), seed 0, ``train`` changed."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"] |= train
+    params["seeds"] = [0]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def test_each_data_stage_removes_the_temporary_files_killed_runs_of_it_left(tmp_path, monkeypatch):
+    monkeypatch.chdir(penguins_project(tmp_path))
+    params = load_params()
+    for stage, leftovers in LEFTOVERS.items():
+        for leftover in map(Path, leftovers):
+            leftover.parent.mkdir(parents=True, exist_ok=True)
+            leftover.write_bytes(b"half a table")
+        other = Path(leftovers[0]).with_name(".notes.tmp")  # not one of the stage's temporaries
+        other.write_text("someone else's")
+        stage.run(params)
+        assert [f for f in leftovers if Path(f).exists()] == [], stage.__name__
+        assert other.read_text() == "someone else's"
+
+
+def test_the_temporary_files_of_a_live_run_are_left_alone(tmp_path, monkeypatch):
+    """A second run of a stage is refused before it removes anything: the files may be the
+    first run's, being written."""
+    monkeypatch.chdir(penguins_project(tmp_path))
+    live = Path(LEFTOVERS[ingest][0])
+    live.parent.mkdir(parents=True)
+    live.write_bytes(b"being written")
+    with stage_lock("ingest"):
+        assert run(["mtl", "ingest"], tmp_path, check=False).returncode == 2
+    assert live.read_bytes() == b"being written"
+    run(["mtl", "ingest"], tmp_path)  # the lock released, the file is a leftover
+    assert not live.exists()
+
+
+def test_a_half_encoded_split_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """Encodings of other inputs are kept until another one is made, but not what a killed
+    run left half done, even when this run encodes nothing."""
+    monkeypatch.chdir(penguins_project(tmp_path))
+    params = load_params()
+    for stage in (ingest, augment, split):
+        stage.run(params)
+    schema, key = json.loads(paths.SCHEMA.read_text()), encoded.data_fingerprint(params)
+    encoded.load(params, schema, key)
+    half, whole = paths.ENCODED_DIR / ".0123456789abcdef.5e6f7a.tmp", paths.ENCODED_DIR / "whole"
+    (half / "train").mkdir(parents=True)
+    (half / "train" / "part-0-0.npy").write_bytes(b"killed while encoding")
+    shutil.copytree(paths.ENCODED_DIR / key[:16], whole)
+    encoded.load(params, schema, key)
+    assert not half.exists() and whole.is_dir()
+
+
+# --- a full disk and read-only outputs -------------------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *options: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``path`` for the block (a small disk that fills up, or a
+    read-only one); the test is skipped where mounting is not permitted (it needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(path)],
+        capture_output=True, text=True, check=False)
+    if not mounted or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip() if mounted else 'no mount command'})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """``path``, an empty folder, made read-only for the block: a read-only mount as root (who
+    may write anywhere else), mode 0555 otherwise."""
+    if os.geteuid() == 0:
+        with tmpfs(path, "1m", "ro"):
+            yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def split_project(tmp_path_factory) -> Path:
+    """Penguins ingested, augmented and split; two epochs of training per run."""
+    root = penguins_project(tmp_path_factory.mktemp("split"), epochs=2, patience=0)
+    with contextlib.chdir(root):
+        params = load_params()
+        for stage in (ingest, augment, split):
+            stage.run(params)
+    return root
+
+
+def one_error_line(result: subprocess.CompletedProcess, *names: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert re.fullmatch(r"error: [^\n]*\n", result.stderr), result.stderr
+    for name in names:
+        assert name in result.stderr, (name, result.stderr)
+    return result.stderr
+
+
+def test_a_full_disk_while_encoding_the_splits_is_one_line(split_project, tmp_path):
+    root = shutil.copytree(split_project, tmp_path / "project")
+    with tmpfs(root / paths.ENCODED_DIR, "16k"):
+        result = run(["mtl", "train", "--variant", "hps-ew"], root, check=False)
+        one_error_line(result, ".mtl/encoded/", "cannot be written: no space left on device")
+        assert [p.name for p in (root / paths.ENCODED_DIR).iterdir()] == ["lock"]  # nothing half-written
+
+
+def test_a_full_disk_while_checkpointing_is_one_line(split_project, tmp_path):
+    root = shutil.copytree(split_project, tmp_path / "project")
+    with tmpfs(root / ".mtl/runs", "128k"):
+        result = run(["mtl", "train", "--variant", "hps-ew"], root, check=False)
+    one_error_line(result, ".mtl/runs/hps-ew/seed-0", "no space left on device")
+    assert not (root / "models/hps-ew/seed-0").exists() and not (root / "dvclive/hps-ew/seed-0").exists()
+
+
+def test_read_only_outputs_are_refused_before_training(split_project, tmp_path):
+    root = shutil.copytree(split_project, tmp_path / "project")
+    with read_only(root / "models" / "hps-ew"):
+        start = time.monotonic()
+        result = run(["mtl", "train", "--variant", "hps-ew", "--set", "train.epochs=100"], root, check=False)
+        reason = "read-only file system" if os.geteuid() == 0 else "permission denied"
+        one_error_line(result, "models/hps-ew", f"cannot be written: {reason}")
+        assert time.monotonic() - start < 30  # not after 100 epochs
+    assert not (root / "dvclive").exists() and not (root / ".mtl/runs/hps-ew/seed-0").exists()
+
+
+def test_folders_published_together_are_all_moved_or_none(tmp_path):
+    """The model and its logs: when the second folder cannot be moved into place, the first
+    goes back, and both keep the previous run's files."""
+    (tmp_path / "new-model").mkdir()
+    (tmp_path / "new-model" / "model.pt").write_text("new")
+    (tmp_path / "new-logs").mkdir()
+    (tmp_path / "models" / "seed-0").mkdir(parents=True)
+    (tmp_path / "models" / "seed-0" / "model.pt").write_text("old")
+    (tmp_path / "dvclive").write_text("a file where the logs' folder should be")
+    with pytest.raises(UserError, match=r"dvclive/seed-0: cannot be written: file exists \(.*dvclive\)$"):
+        mtl_io.replace_dirs((tmp_path / "new-model", tmp_path / "models" / "seed-0"),
+                     (tmp_path / "new-logs", tmp_path / "dvclive" / "seed-0"))
+    assert (tmp_path / "models" / "seed-0" / "model.pt").read_text() == "old"
+    assert (tmp_path / "new-model" / "model.pt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvclive", "models", "new-logs", "new-model"]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["seed-0"]  # no seed-0.old left
+
+
+# --- outputs get the mode the umask gives ----------------------------------------------------------
+
+def test_outputs_have_the_mode_the_umask_gives_and_importing_keeps_the_umask(tmp_path):
+    """Not even for a moment: a thread creating a file meanwhile would give it mode 0666."""
+    script = ("import os, sys\nos.umask(0o027)\nreal, calls = os.umask, []\n"
+              "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
+              "import mtl.io\nos.umask = real\nassert calls == [], calls\n"
+              "from pathlib import Path\nroot = Path(sys.argv[1])\n"
+              "mtl.io.write_json({}, root / 'out.json')\n"
+              "mtl.io.replace_dirs((mtl.io.temp_dir(root, 'plots'), root / 'plots'))\n")
+    run([sys.executable, "-c", script, str(tmp_path)], tmp_path)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "plots").stat().st_mode & 0o777 == 0o750
 
 
 # --- reproducibility -------------------------------------------------------------------------------

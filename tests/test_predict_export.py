@@ -26,6 +26,7 @@ from mtl.engine.trainer import TaskData, predict
 from mtl.stages import augment, ingest, split, train
 from mtl.stages import predict as predict_stage
 from tests.helpers import REPO
+from tests.test_faults import read_only
 
 VARIANT = "hps-ew"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
@@ -175,6 +176,20 @@ def test_bad_input_is_one_line_and_exit_2(project, monkeypatch, args, names):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert all(name in lines[0] for name in names), lines[0]
     assert sorted(p.name for p in project.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("args", [
+    ["predict", "-v", VARIANT, "-i", "data/split/test.parquet", "-o", "read-only/p.parquet"],
+    ["export", "-v", VARIANT, "-f", "torchscript", "-o", "read-only/m.pt"],
+])
+def test_an_output_in_a_read_only_folder_is_one_line(project, monkeypatch, args):
+    with read_only(project / "read-only") as folder:
+        result = mtl(project, monkeypatch, *args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {args[-1]}: cannot be written: "), result.stderr
+        assert list(folder.iterdir()) == []
+    folder.rmdir()
 
 
 def test_multilabel_tasks_get_one_probability_column_per_label():

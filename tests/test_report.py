@@ -1,7 +1,9 @@
 """The report stage: plots, report.md and index.html from hand-made results, the Pareto front on
 known points, and a real `dvc repro` that runs the stage."""
 
+import contextlib
 import html
+import os
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,29 @@ def test_report_writes_png_plots_and_pages_that_link_them(project):
     for sentence in sentences:
         assert html.escape(sentence, quote=False) in page and f"- {sentence}" in markdown
     assert "dvc repro report" in page
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_report_removes_what_a_killed_run_left_and_writes_with_the_umask(project):
+    """A killed report leaves its unfinished plots folder and pages under temporary names; the
+    next run removes them. The plots folder gets the umask's mode, not a temporary folder's 0700."""
+    (project / "reports/.plots.1a2b3c.tmp").mkdir()
+    (project / "reports/.plots.1a2b3c.tmp/val_loss.png").write_bytes(PNG)
+    (project / "reports/.report.md.4d5e6f.tmp").write_text("half a report")
+    with umask(0o027):
+        report.run(load_params(Path("params.yaml")))
+    assert sorted(p.name for p in (project / "reports").iterdir()) == [
+        "compare.md", "index.html", "plots", "report.md"]
+    assert (project / paths.PLOTS_DIR).stat().st_mode & 0o777 == 0o750
+    assert (project / paths.FULL_REPORT).stat().st_mode & 0o777 == 0o640
 
 
 def test_report_without_comparison_is_one_line_error(project):

@@ -3,6 +3,8 @@ store (``encode_split``, ``open_split``)."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from mtl.engine.encoders import Moments, Preprocessor, TabularPreprocessor
 from mtl.engine.store import encode_split, open_split
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData
+from tests.helpers import env
+from tests.test_faults import tmpfs
 
 FEATURES = {"x": {"kind": "numeric", "n_missing": 3}, "z": {"kind": "numeric", "n_missing": 0},
             "color": {"kind": "categorical", "n_missing": 2}, "note": {"kind": "text", "n_missing": 1}}
@@ -179,3 +183,31 @@ def test_a_split_made_meanwhile_by_another_process_is_kept(tmp_path):
 
     encode_split(chunks(), prep, TASKS, tmp_path / "train")
     assert os.listdir(tmp_path) == ["train"] and os.listdir(tmp_path / "train") == ["theirs"]
+
+
+FULL_DISK = """
+import sys
+from pathlib import Path
+import numpy as np, pyarrow as pa
+from mtl.engine.encoders import Preprocessor
+from mtl.engine.store import encode_split
+from mtl.engine.tasks import Task
+
+n = 100_000  # the parts take about 0.9 MB, the joined arrays as much again
+table = pa.table({"x": np.arange(n, dtype="float64"), "size": np.ones(n)})
+prep = Preprocessor.fit(table, {"x": {"kind": "numeric", "n_missing": 0}})
+try:
+    encode_split([table], prep, [Task("size", "regression", "size")], Path(sys.argv[1]) / "train")
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+def test_a_full_disk_while_joining_the_parts_is_an_os_error_not_sigbus(tmp_path):
+    """The joined arrays are written through a memory map: a page the disk has no room for would
+    kill the process with SIGBUS; their blocks are reserved first, so it is ENOSPC instead."""
+    with tmpfs(tmp_path / "disk", "1200k") as disk:  # room for the parts, not for the joined arrays
+        result = subprocess.run([sys.executable, "-c", FULL_DISK, str(disk)], env=env(),
+                                capture_output=True, text=True, check=False)
+        assert (result.returncode, result.stdout) == (0, "No space left on device\n"), result.stderr
+        assert list(disk.iterdir()) == []

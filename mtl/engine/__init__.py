@@ -40,12 +40,6 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
 WEIGHTINGS = tuple(WEIGHTING_OPTIONS)
 TASK_KINDS = ("binary", "multiclass", "multilabel", "regression")
 
-# Test metrics by task kind, and whether higher is better (compare's Δm needs the direction).
-METRICS = {
-    "binary": ("accuracy", "f1_macro", "auroc"),
-    "multiclass": ("accuracy", "f1_macro", "auroc"),
-    "multilabel": ("accuracy", "f1_macro", "auroc"),  # macro averages over the labels
-    "regression": ("mae", "rmse", "r2"),
-}
+# Whether higher is better, for each test metric (compare's Δm needs the direction).
 HIGHER_IS_BETTER = {"accuracy": True, "f1_macro": True, "auroc": True,
                     "mae": False, "rmse": False, "r2": True}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData
-from mtl.io import UMASK
+from mtl.io import temp_dir
 
 GROUPS = ("inputs", "targets", "masks")
 MANIFEST = "manifest.json"
@@ -40,9 +39,8 @@ def encode_split(chunks: Iterable[pa.Table | pa.RecordBatch], preprocessor: Prep
     made it meanwhile, that one is kept."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    tmp = temp_dir(directory.parent, directory.name)
     try:
-        os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp's 0700 would make the split private to its writer
         _encode(chunks, preprocessor, tasks, tmp)
         try:
             os.replace(tmp, directory)
@@ -78,6 +76,7 @@ def _encode(chunks: Iterable[pa.Table | pa.RecordBatch], preprocessor: Preproces
         # a new file reads as zeros: what a narrower chunk leaves unwritten is padding
         joined = np.lib.format.open_memmap(out / tensor["file"], mode="w+",
                                            dtype=np.dtype(tensor["dtype"]), shape=tuple(tensor["shape"]))
+        allocate(out / tensor["file"])
         start = 0
         for i, n in enumerate(counts):
             part_path = out / f"part-{j}-{i}.npy"
@@ -90,13 +89,31 @@ def _encode(chunks: Iterable[pa.Table | pa.RecordBatch], preprocessor: Preproces
                                 encoding="utf-8")
 
 
+def allocate(path: Path) -> None:
+    """Reserve the disk blocks of the (sparse) file ``path``: a write into a memory map of it
+    finding the disk full would kill the process with SIGBUS; here it is an OSError (ENOSPC)."""
+    if hasattr(os, "posix_fallocate"):  # not on macOS
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+
+
 def open_split(directory: Path) -> TaskData:
     """The split ``encode_split`` wrote in ``directory``, each tensor memory-mapped copy-on-write
-    (writable, as ``torch.from_numpy`` wants, but never written back to the file)."""
+    (writable, as ``torch.from_numpy`` wants, but never written back to the file). A damaged
+    file, or one that does not match the manifest, raises ValueError naming it."""
     directory = Path(directory)
-    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     groups: dict[str, dict[str, torch.Tensor]] = {group: {} for group in GROUPS}
-    for tensor in manifest["tensors"]:
-        array = np.load(directory / tensor["file"], mmap_mode="c")
-        groups[tensor["group"]][tensor["key"]] = torch.from_numpy(array)
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        for tensor in manifest["tensors"]:
+            path = directory / tensor["file"]
+            array = np.load(path, mmap_mode="c")
+            if list(array.shape) != tensor["shape"] or array.dtype.name != tensor["dtype"]:
+                raise ValueError(f"{array.dtype.name} {list(array.shape)}, the manifest says "
+                                 f"{tensor['dtype']} {tensor['shape']}")
+            groups[tensor["group"]][tensor["key"]] = torch.from_numpy(array)
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path}: {reason}") from None
     return TaskData(**groups)

@@ -473,7 +473,8 @@ def _save_atomically(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as file:  # a full disk is then an OSError torch's error carries
+            torch.save(state, file)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,12 +22,13 @@ import pyarrow.parquet as pq
 from mtl import paths
 from mtl.config import Params
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, scan_table
+from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
 from mtl.stages.split import assign
 
 
 def run(params: Params) -> None:
+    remove_leftovers(paths.AUGMENTED)
     scan = scan_table(paths.INGESTED)
     schema = read_json(paths.SCHEMA)
     require_columns(scan.schema.empty_table(), paths.INGESTED, params)

@@ -28,7 +28,7 @@ from mtl import paths
 from mtl.config import Params
 from mtl.engine import HIGHER_IS_BETTER
 from mtl.errors import UserError
-from mtl.io import read_json, write_json, write_text
+from mtl.io import read_json, remove_leftovers, write_json, write_text
 
 
 def delta_m(metrics: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
@@ -82,6 +82,7 @@ def read_metrics(path: Path, tasks: list[str]) -> dict[str, dict[str, float | No
 
 
 def run(params: Params) -> None:
+    remove_leftovers(paths.COMPARE_JSON, paths.REPORT)
     baseline_name, seeds, alpha = params.compare.baseline, params.seeds, params.compare.alpha
     runs = {}  # variant -> one {task: {metric: value}} per seed
     for variant in params.variants:

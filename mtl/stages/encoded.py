@@ -14,8 +14,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
+import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from mtl import paths
 from mtl.config import Params
@@ -24,10 +28,11 @@ from mtl.engine.store import encode_split, open_split
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData
 from mtl.errors import UserError
-from mtl.io import atomic_path, read_json, scan_table
+from mtl.io import mismatch, read_json, scan_table, temp_dir, writing
 
 ENGINE_CODE = Path(__file__).resolve().parents[1] / "engine"
 PREPROCESSING = "preprocessing.json"
+FEATURE_KINDS = ("numeric", "categorical", "text", "image")
 
 
 def file_digest(path: Path) -> bytes:
@@ -53,21 +58,30 @@ def load(params: Params, schema: dict, data_key: str) -> tuple[Preprocessor, lis
     ``data_fingerprint(params)``)."""
     key = data_key[:16]
     root = paths.ENCODED_DIR / key
-    paths.ENCODED_DIR.mkdir(parents=True, exist_ok=True)
+    with writing(paths.ENCODED_DIR):
+        paths.ENCODED_DIR.mkdir(parents=True, exist_ok=True)
     with open(paths.ENCODED_DIR / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        for stale in paths.ENCODED_DIR.glob(".*.tmp"):  # what killed runs left half-encoded
+            shutil.rmtree(stale, ignore_errors=True)
         if not (root / PREPROCESSING).is_file():
-            _encode(params, schema, root)
+            with writing(root):
+                _encode(*_fit(params, schema), root)
             for other in paths.ENCODED_DIR.iterdir():
                 if other.is_dir() and other.name != key:
                     shutil.rmtree(other, ignore_errors=True)
-    state = read_json(root / PREPROCESSING)
-    return (Preprocessor.from_state(state["preprocessor"]), [Task.from_state(t) for t in state["tasks"]],
-            open_split(root / "train"), open_split(root / "val"))
+        try:
+            state = read_json(root / PREPROCESSING)
+            return (Preprocessor.from_state(state["preprocessor"]),
+                    [Task.from_state(t) for t in state["tasks"]],
+                    open_split(root / "train"), open_split(root / "val"))
+        except (UserError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{root}: damaged encoded splits ({str(exc)[:200]}); delete the folder "
+                            "to encode them again") from None
 
 
-def _encode(params: Params, schema: dict, root: Path) -> None:
-    enc = params.encoders
+def _fit(params: Params, schema: dict) -> tuple[Preprocessor, list[Task]]:
+    """The preprocessing and the tasks, fitted on the train split in one pass."""
     train = scan_table(paths.split_path("train"))
     targets = {spec["target"]: Moments() for spec in schema["tasks"].values()
                if spec["kind"] == "regression"}
@@ -78,14 +92,61 @@ def _encode(params: Params, schema: dict, root: Path) -> None:
                 moments.update(batch[column].to_numpy(zero_copy_only=False).astype("float64"))
             yield batch
 
-    preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text, enc.hashing.model_dump())
-    tasks = [task_from_schema(name, schema, targets) for name in params.data.tasks]
-    shutil.rmtree(root, ignore_errors=True)  # what an interrupted run left
-    for split in ("train", "val"):
-        encode_split(scan_table(paths.split_path(split)).batches(), preprocessor, tasks, root / split)
-    with atomic_path(root / PREPROCESSING) as tmp:
-        tmp.write_text(json.dumps({"preprocessor": preprocessor.state(),
-                                   "tasks": [t.state() for t in tasks]}), encoding="utf-8")
+    enc = params.encoders
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text, enc.hashing.model_dump())
+    p = preprocessor.tabular
+    moments = [*zip(p.numeric, p.means, p.stds), *((c, m.mean, m.std) for c, m in targets.items())]
+    for column, mean, std in moments:
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            raise UserError(f"{paths.split_path('train')}: column '{column}' holds values so large "
+                            "that their mean or standard deviation overflows; rescale the column")
+    return preprocessor, [task_from_schema(name, schema, targets) for name in params.data.tasks]
+
+
+def _encode(preprocessor: Preprocessor, tasks: list[Task], root: Path) -> None:
+    """Encode the train and val splits into the folder ``root``, which appears whole or not at
+    all (a killed run leaves a ``.<key>.*.tmp`` folder, which the next one removes)."""
+    work = temp_dir(root.parent, root.name)
+    try:
+        for split in ("train", "val"):
+            encode_split(scan_table(paths.split_path(split)).batches(), preprocessor, tasks, work / split)
+        (work / PREPROCESSING).write_text(json.dumps({"preprocessor": preprocessor.state(),
+                                                      "tasks": [t.state() for t in tasks]}),
+                                          encoding="utf-8")
+        shutil.rmtree(root, ignore_errors=True)  # what an older version left half done
+        os.replace(work, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def check_schema(schema: object, params: Params) -> None:
+    """Fail unless schema.json has the structure ingest writes and records each task as the
+    params declare it (say, a task's kind changed without re-running ingest)."""
+    if problem := _schema_problem(schema, params):
+        raise UserError(f"{paths.SCHEMA}: {problem} (re-run the pipeline from ingest)")
+
+
+def _schema_problem(schema: object, params: Params) -> str | None:
+    if problem := mismatch(schema, {"features": {str: {"kind": str, "n_missing": int}}, "tasks": dict}):
+        return problem
+    for name, feature in schema["features"].items():
+        if feature["kind"] not in FEATURE_KINDS:
+            return f"field 'features.{name}.kind': unknown kind {feature['kind']!r}"
+        if feature["kind"] == "image" and (problem := mismatch(feature, {"shape": [int]}, f"features.{name}")):
+            return problem
+    labels = {"binary": "classes", "multiclass": "classes", "multilabel": "labels"}
+    for name, task in params.data.tasks.items():
+        if name not in schema["tasks"]:
+            return f"field 'tasks.{name}' is missing"
+        spec = schema["tasks"][name]
+        listed = {labels[task.kind]: [str]} if task.kind in labels else {}
+        if problem := mismatch(spec, {"kind": str, "target": (str, list)} | listed, f"tasks.{name}"):
+            return problem
+        if (spec["kind"], spec["target"]) != (task.kind, task.target):
+            return (f"task '{name}' is {spec['kind']} of {spec['target']!r} there, "
+                    f"{task.kind} of {task.target!r} in the params")
+    return None
 
 
 def task_from_schema(name: str, schema: dict, targets: dict[str, Moments]) -> Task:

@@ -9,16 +9,18 @@ import math
 from mtl import paths
 from mtl.config import Params
 from mtl.engine.trainer import TaskData, predict
-from mtl.io import read_table, write_json
-from mtl.stages.common import check_features, load_model, require_columns
+from mtl.io import read_table, remove_leftovers, write_json
+from mtl.stages.common import check_features, check_types, load_model, model_kinds, require_columns
 
 
 def run(params: Params, variant: str, seed: int) -> None:
+    remove_leftovers(paths.variant_metrics(variant, seed))
     bundle = load_model(params, variant, seed)
     test_path = paths.split_path("test")
     table = read_table(test_path)
     require_columns(table, test_path, params)
     check_features(table, test_path, bundle.preprocessor)
+    check_types(table.schema, test_path, model_kinds(bundle))
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
     outputs = predict(bundle.model, data.inputs)
     metrics = {}

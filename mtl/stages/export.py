@@ -35,7 +35,13 @@ from mtl.engine.checkpoint import Bundle, versions
 from mtl.engine.trainer import TaskData, predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table, write_json
-from mtl.stages.common import load_model, require_columns
+from mtl.stages.common import (
+    check_features,
+    check_types,
+    load_model,
+    model_kinds,
+    require_columns,
+)
 from mtl.stages.predict import CHUNK_ROWS
 
 FORMATS = ("torchscript", "onnx")
@@ -61,7 +67,7 @@ class Exported(nn.Module):
         return tuple(outputs[name] for name in self.tasks)
 
 
-def run(params: Params, variant: str, seed: int | None, fmt: str, output: Path,
+def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: Path,
         int8: bool = False) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -70,6 +76,8 @@ def run(params: Params, variant: str, seed: int | None, fmt: str, output: Path,
     test_path = paths.split_path("test")
     table = read_table(test_path)
     require_columns(table, test_path, params)
+    check_features(table, test_path, bundle.preprocessor)
+    check_types(table.schema, test_path, model_kinds(bundle))
     if table.num_rows < 2:
         raise UserError(f"{test_path}: export needs at least 2 test rows to trace and measure")
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
@@ -95,7 +103,8 @@ def _torchscript(model: Exported, example: tuple, path: Path, int8: bool) -> Run
     if int8:
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig})
-    torch.jit.trace(model, example).save(str(path))
+    with open(path, "wb") as file:  # a full disk is then an OSError, not a bare RuntimeError
+        torch.jit.save(torch.jit.trace(model, example), file)
     loaded = torch.jit.load(str(path))
     return lambda tensors: list(loaded(*tensors))
 

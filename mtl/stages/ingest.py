@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import DataConfig, Params
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, Scan, atomic_paths, scan_source
+from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers, scan_source
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -31,6 +31,7 @@ BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_
 
 
 def run(params: Params) -> None:
+    remove_leftovers(paths.INGESTED, paths.SCHEMA)
     scan = scan_source(params.data.source)
     with atomic_paths(paths.INGESTED, paths.SCHEMA) as (table_tmp, schema_tmp):  # both or neither
         writer: RowGroupWriter | None = None
@@ -67,6 +68,7 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
         raise UserError(f"data.source: '{data.source}' holds {'no rows' if head == 0 else 'a single row'}"
                         "; train, validation and test splits need more")
     names = scan.schema.names
+    check_reserved(names, data)
     for name, task in data.tasks.items():
         for column in task.columns:
             if column not in names:
@@ -155,6 +157,22 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
             "tasks": tasks}
 
 
+def check_reserved(names: list[str], data: DataConfig) -> None:
+    """Refuse a column of the source, or of ``data``'s lists, with a name the pipeline gives its
+    own columns (``paths.RESERVED``): it would be dropped, or taken for the pipeline's own."""
+    reserved = ", ".join(paths.RESERVED)
+    for key in ("id_column", "features", "categorical", "text", "image", "drop"):
+        value = getattr(data, key) or []
+        for name in [value] if isinstance(value, str) else value:
+            if name in paths.RESERVED:
+                raise UserError(f"data.{key}: '{name}' is a reserved column name ({reserved}); "
+                                "rename the column in the data")
+    for name in names:
+        if name in paths.RESERVED:
+            raise UserError(f"data.source: column '{name}' has a name reserved for the pipeline's "
+                            f"own columns ({reserved}); rename it in the data")
+
+
 def feature_kinds(schema: pa.Schema, data: DataConfig) -> dict[str, str | None]:
     """Each feature column and its kind (numeric, categorical, text or image), judged by its
     type; None where the type does not fit (``_Column.check_kind`` says why, in order)."""
@@ -236,7 +254,9 @@ class _Column:
                 self.n_inf += len(values) - int(finite.sum()) - n_nan
                 values = values[finite]
             if len(values):
-                self.parts.append((len(values), values.mean(), values.std(), values.min(), values.max()))
+                with np.errstate(over="ignore", invalid="ignore"):  # check_values refuses overflow
+                    self.parts.append((len(values), values.mean(), values.std(), values.min(),
+                                       values.max()))
             return out
         self.n_missing += out.null_count
         if self.kind == "categorical" and self.keep_counts:
@@ -297,6 +317,12 @@ class _Column:
         if self.n_inf:
             raise UserError(f"{self.what} holds {self.n_inf} infinite value{'s' if self.n_inf > 1 else ''}; "
                             "fix them, or leave them empty to mark them missing")
+        if self.kind == "numeric" and self.parts:
+            stats = self.stats()
+            if not (math.isfinite(stats["mean"]) and math.isfinite(stats["std"])):
+                largest = max(abs(stats["min"]), abs(stats["max"]))
+                raise UserError(f"{self.what} holds values so large (up to {largest:.3g}) that their "
+                                "mean or standard deviation overflows; rescale the column")
 
     def stats(self) -> dict:
         if self.kind in ("text", "image"):
@@ -309,8 +335,9 @@ class _Column:
             _, mean, std, low, high = self.parts[0]
         else:  # the batches' means and variances pooled
             n, means, stds, lows, highs = (np.array(v) for v in zip(*self.parts))
-            mean = float((n * means).sum() / n.sum())
-            std = math.sqrt(float((n * (stds**2 + (means - mean) ** 2)).sum() / n.sum()))
+            with np.errstate(over="ignore", invalid="ignore"):  # check_values refuses overflow
+                mean = float((n * means).sum() / n.sum())
+                std = math.sqrt(float((n * (stds**2 + (means - mean) ** 2)).sum() / n.sum()))
             low, high = lows.min(), highs.max()
         return {"mean": float(mean), "std": float(std), "min": float(low), "max": float(high)}
 

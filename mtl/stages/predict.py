@@ -31,7 +31,8 @@ from mtl.stages.common import check_features, load_model
 CHUNK_ROWS = 4096
 
 
-def run(params: Params, variant: str, seed: int | None, input_path: Path, output: Path) -> None:
+def run(params: Params, variant: str, seed: str | int | None, input_path: Path,
+        output: Path) -> None:
     if Path(output).suffix != ".parquet":
         raise UserError(f"--output: '{output}' must end in .parquet")
     bundle = load_model(params, variant, seed)

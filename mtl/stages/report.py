@@ -19,7 +19,6 @@ import itertools
 import math
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,27 @@ from mtl.config import Params
 from mtl.engine import HIGHER_IS_BETTER
 from mtl.engine.affinity_summary import describe, mean_over_runs
 from mtl.errors import UserError
-from mtl.io import atomic_path, read_json, replace_dir
+from mtl.io import (
+    OPTIONAL_NUMBER,
+    atomic_paths,
+    mismatch,
+    read_json,
+    read_text,
+    remove_leftovers,
+    replace_dirs,
+    temp_dir,
+)
 
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # epochs, mean and std over seeds
 
 
 def run(params: Params) -> None:
+    remove_leftovers(paths.PLOTS_DIR, paths.FULL_REPORT, paths.REPORT_HTML)
     for path in (paths.COMPARE_JSON, paths.REPORT):
         if not path.is_file():
             raise UserError(f"{path}: file not found (run 'mtl compare' or 'dvc repro compare' first)")
-    table, baseline, seeds = read_json(paths.COMPARE_JSON), params.compare.baseline, params.seeds
-    if baseline not in table:
-        raise UserError(f"{paths.COMPARE_JSON}: has no row for the baseline '{baseline}' "
-                        f"(run 'mtl compare' again)")
+    baseline, seeds = params.compare.baseline, params.seeds
+    table = read_comparison(baseline)
     tasks = list(table[baseline]["tasks"])
     firsts = {t: next(m for m in ms if m not in params.compare.exclude)
               for t, ms in table[baseline]["tasks"].items()
@@ -58,34 +65,68 @@ def run(params: Params) -> None:
         "pareto.png": pareto_figure(table, baseline, firsts),
     } | {f"affinity-{v}.png": affinity_figure(s, v) for v, s in affinity.items()}
     images = {name: fig for name, fig in figures.items() if fig is not None}
-    markdown = render(paths.REPORT.read_text(encoding="utf-8"), table, baseline, seeds, firsts,
-                      images, affinity)
-    paths.PLOTS_DIR.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=paths.PLOTS_DIR.parent, prefix=f".{paths.PLOTS_DIR.name}."))
-    try:
-        for name, fig in images.items():
-            fig.savefig(work / name, dpi=100)
-        with atomic_path(paths.FULL_REPORT) as md, atomic_path(paths.REPORT_HTML) as page:
-            md.write_text(markdown, encoding="utf-8")
-            page.write_text(to_html(markdown), encoding="utf-8")
-            replace_dir(work, paths.PLOTS_DIR)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    markdown = render(read_text(paths.REPORT), table, baseline, seeds, firsts, images, affinity)
+    write(images, markdown)
     print(f"report: {len(images)} plots in {paths.PLOTS_DIR} -> {paths.FULL_REPORT}, {paths.REPORT_HTML}")
 
 
-def read_curve(path: Path) -> dict[int, float]:
-    """Step -> value of one dvclive metric file (tab-separated, a ``step`` column, value last)."""
-    header, *rows = (line.split("\t") for line in path.read_text(encoding="utf-8").splitlines())
-    step = header.index("step")
-    return {int(row[step]): float(row[-1]) for row in rows}
+def write(images: dict[str, Figure], markdown: str) -> None:
+    """The plots, report.md and index.html, each replacing the previous one once all are
+    written."""
+    with atomic_paths(paths.FULL_REPORT, paths.REPORT_HTML) as (md, page):
+        work = temp_dir(paths.PLOTS_DIR.parent, paths.PLOTS_DIR.name)
+        try:
+            for name, fig in images.items():
+                fig.savefig(work / name, dpi=100)
+            md.write_text(markdown, encoding="utf-8")
+            page.write_text(to_html(markdown), encoding="utf-8")
+            replace_dirs((work, paths.PLOTS_DIR))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# What compare writes, as far as the report reads it: per variant, task and metric, the mean
+# and std over seeds.
+COMPARISON = {str: {"tasks": {str: {str: {"mean": OPTIONAL_NUMBER, "std": OPTIONAL_NUMBER}}}}}
+# What train writes to models/<variant>/seed-<seed>/affinity.json (AffinityProbe.summary).
+AFFINITY = {"tasks": [str], "cosine": [[OPTIONAL_NUMBER]], "lookahead": [[OPTIONAL_NUMBER]],
+            "epochs": int}
+
+
+def read_comparison(baseline: str) -> dict:
+    """compare.json, with the structure compare writes and a row for ``baseline``."""
+    table = read_json(paths.COMPARE_JSON)
+    if problem := _comparison_problem(table, baseline):
+        raise UserError(f"{paths.COMPARE_JSON}: {problem} (run 'mtl compare' again)")
+    return table
+
+
+def _comparison_problem(table: object, baseline: str) -> str | None:
+    if problem := mismatch(table, COMPARISON):
+        return problem
+    if baseline not in table:
+        return f"has no row for the baseline '{baseline}'"
+    unknown = [m for row in table.values() for ms in row["tasks"].values() for m in ms
+               if m not in HIGHER_IS_BETTER]
+    return f"unknown metric '{unknown[0]}'" if unknown else None
+
+
+def read_curve(path: Path, retrain: str) -> dict[int, float]:
+    """Step -> value of one dvclive metric file (tab-separated, a ``step`` column, value last);
+    ``retrain``: the command that writes it again."""
+    try:
+        header, *rows = (line.split("\t") for line in read_text(path).splitlines())
+        step = header.index("step")
+        return {int(row[step]): float(row[-1]) for row in rows}
+    except (ValueError, IndexError):
+        raise UserError(f"{path}: not a metric file of dvclive (run '{retrain}' again)") from None
 
 
 def mean_curve(variant: str, seeds: list[int], metric: str) -> Curve | None:
     """Mean and std of a dvclive metric per epoch, over the seeds that logged that epoch; None
     when no seed logged the metric."""
-    files = [paths.live_dir(variant, s) / "plots" / "metrics" / f"{metric}.tsv" for s in seeds]
-    curves = [read_curve(f) for f in files if f.is_file()]
+    files = {s: paths.live_dir(variant, s) / "plots" / "metrics" / f"{metric}.tsv" for s in seeds}
+    curves = [read_curve(f, retrain(variant, s)) for s, f in files.items() if f.is_file()]
     if not curves:
         return None
     steps = sorted(set().union(*curves))
@@ -96,12 +137,29 @@ def mean_curve(variant: str, seeds: list[int], metric: str) -> Curve | None:
 
 def mean_affinity(variant: str, seeds: list[int]) -> dict | None:
     """The variant's task-affinity summary averaged over the seeds that recorded one, or None."""
-    files = [paths.model_dir(variant, s) / "affinity.json" for s in seeds]
-    summaries = [read_json(f) for f in files if f.is_file()]
-    if not summaries:
-        return None
+    files = {s: paths.model_dir(variant, s) / "affinity.json" for s in seeds}
+    summaries = {s: read_json(f) for s, f in files.items() if f.is_file()}
+    first = next(iter(summaries), None)
+    for seed, summary in summaries.items():
+        problem = mismatch(summary, AFFINITY) or _not_square(summary)
+        if problem is None and summary["tasks"] != summaries[first]["tasks"]:
+            problem = (f"of tasks {summary['tasks']}, but {files[first]} of "
+                       f"{summaries[first]['tasks']}")
+        if problem:
+            raise UserError(f"{files[seed]}: {problem} (run '{retrain(variant, seed)}' again)")
+    return mean_over_runs(list(summaries.values())) if summaries else None
 
-    return mean_over_runs(summaries)
+
+def _not_square(summary: dict) -> str | None:
+    k = len(summary["tasks"])
+    if any(len(m) != k or any(len(row) != k for row in m)
+           for m in (summary["cosine"], summary["lookahead"])):
+        return f"its matrices are not {k} x {k} (a row and a column per task)"
+    return None
+
+
+def retrain(variant: str, seed: int) -> str:
+    return f"mtl train --variant {variant} --seed {seed}"
 
 
 def grid(n: int, width: float, height: float) -> tuple[Figure, list]:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import Params, SplitConfig
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, atomic_paths, scan_table
+from mtl.io import RowGroupWriter, atomic_paths, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -72,6 +72,7 @@ def assign(keys: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
 
 
 def run(params: Params) -> None:
+    remove_leftovers(*map(paths.split_path, paths.SPLITS))
     scan = scan_table(paths.AUGMENTED)
     require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=True)
     targets = [c for task in params.data.tasks.values() for c in task.columns]

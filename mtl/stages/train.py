@@ -16,24 +16,29 @@ folder."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from dvclive import Live
 from scmrepo.exceptions import SCMError
+from torch import nn
 
 from mtl import paths
 from mtl.config import Params, TrainConfig
 from mtl.engine import distributed
 from mtl.engine import weighting as weightings
 from mtl.engine.affinity import AffinityProbe
-from mtl.engine.checkpoint import Bundle
+from mtl.engine.checkpoint import RUN_STATE, Bundle, NotOurs, load_file
+from mtl.engine.encoders import Preprocessor
+from mtl.engine.tasks import Task
 from mtl.engine.trainer import (
     CheckpointMismatch,
     FitOptions,
@@ -45,69 +50,92 @@ from mtl.engine.trainer import (
     select_device,
 )
 from mtl.errors import UserError
-from mtl.io import atomic_path, read_json, replace_dir, scan_table, write_json
+from mtl.io import (
+    atomic_path,
+    check_writable,
+    mismatch,
+    read_json,
+    remove_leftovers,
+    replace_dirs,
+    scan_table,
+    temp_dir,
+    write_json,
+    writing,
+)
 from mtl.stages import encoded
-from mtl.stages.common import require_columns
+from mtl.stages.common import check_types, require_columns
 
 
 def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
-    cfg = params.variant_train(variant)
-    spec = params.variants[variant]
-    schema = read_json(paths.SCHEMA)
-    for split in ("train", "val"):
-        columns = scan_table(paths.split_path(split)).schema
-        require_columns(columns, paths.split_path(split), params)
-        missing = [f for f in schema["features"] if f not in columns.names]
-        if missing:
-            raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
-                            f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
-
+    cfg, spec = params.variant_train(variant), params.variants[variant]
+    schema = read_inputs(params)
     seed_everything(seed)
     device = select_device(cfg.device)
     if distributed.launched():
         device = distributed.start(device.type) or device
     main = distributed.world()[1] == 0
+    work = paths.run_dir(variant, seed)
+    if main:  # before hours of training, not after
+        for folder in (paths.model_dir(variant, seed).parent, paths.live_dir(variant, seed).parent,
+                       work.parent):
+            check_writable(folder)
     try:
         precision = resolve_precision(cfg.precision, device)
     except ValueError as exc:
         raise UserError(f"train.precision: {exc}") from None
-    enc = params.encoders
     data_key = encoded.data_fingerprint(params)
     preprocessor, tasks, train, val = encoded.load(params, schema, data_key)
-    layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
-              "options": spec.arch_options}
-    info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
-            "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
-    try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
-        bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
-                               {"dim": enc.dim, "image_channels": enc.image_channels})
-        weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
-                                     spec.weighting_options)
-    except ValueError as exc:
-        raise UserError(f"variants.{variant}: {exc}") from None
-    work = paths.run_dir(variant, seed)
-    checkpoint, stamp = work / "checkpoint.pt", work / "inputs.sha256"
+    bundle, weighting = build(params, variant, seed, preprocessor, tasks)
+    checkpoint = work / "checkpoint.pt"
     inputs = fingerprint(params, variant, seed, data_key)
-    resume = resume and checkpoint.is_file() and stamp.is_file() and stamp.read_text() == inputs
-    resume = distributed.from_main(resume)
-    if not resume and main:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        stamp.write_text(inputs)
+    resume = distributed.from_main(main and resume and resumable(work, inputs))
+    first = prepare(work, inputs, resume) if main else 0
     distributed.barrier()
     model = bundle.model.to(device)
     weighting = weighting.to(device)
     train, val = on_device(train, device), val.to(device)
 
-    if resume and main:  # rows logged after the last checkpoint, before the run was stopped
-        drop_logged_steps(work / "live", resumed_epoch(checkpoint))
     probe = None  # task relatedness; stl shares nothing to measure it on
     if spec.arch != "stl" and cfg.affinity_batches and main:
         probe = AffinityProbe(tasks, train, cfg.affinity_batches, cfg.batch_size, seed, device)
         if resume and (work / "affinity.json").is_file():
-            probe.load_state_dict(read_json(work / "affinity.json"), resumed_epoch(checkpoint))
+            with run_file(work / "affinity.json"):
+                probe.load_state_dict(read_json(work / "affinity.json"), first)
+    live, log_epoch = epoch_logger(work, resume, model, tasks, probe) if main else (None, None)
+    options = FitOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitOptions)
+                            if f.name in TrainConfig.model_fields and f.name != "precision"},
+                         seed=seed, precision=precision)
+    start = time.perf_counter()
     try:
-        live = Live(str(work / "live"), dvcyaml=False, save_dvc_exp=False, resume=resume) if main else None
+        with writing(work):  # a full disk while checkpointing or logging
+            result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch,
+                         checkpoint=checkpoint, resume=resume)
+    except CheckpointMismatch as exc:  # the inputs' hash matched, so the checkpoint is corrupt
+        raise UserError(f"{checkpoint}: {exc}; rerun with --fresh") from None
+    except NonFiniteLoss as exc:
+        raise UserError(f"train@{variant}-{seed}: {exc}") from None
+    seconds = time.perf_counter() - start
+    if not main:
+        return
+    live.end()
+
+    bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
+                    "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
+                    "device": str(device), "processes": distributed.world()[0],
+                    "precision": precision, "deterministic": cfg.deterministic}
+    stats = {"train_seconds": round(seconds, 2), "n_train": len(train), "n_val": len(val)}
+    publish(work, variant, seed, bundle, stats, probe)
+    resumed = f" (resumed at epoch {result.resumed_at})" if resume else ""
+    print(f"train@{variant}-{seed}: {result.epochs_run} epochs{resumed} in {seconds:.1f}s on "
+          f"{device}, best epochs {result.best_epochs} -> {paths.model_dir(variant, seed) / 'model.pt'}")
+
+
+def epoch_logger(work: Path, resume: bool, model: nn.Module, tasks: list[Task],
+                 probe: AffinityProbe | None) -> tuple[Live, Callable[[int, dict[str, float]], None]]:
+    """dvclive's logger of the run in ``work``, and the callback that logs each epoch's values
+    to it, with the task affinity ``probe`` measures."""
+    try:
+        live = Live(str(work / "live"), dvcyaml=False, save_dvc_exp=False, resume=resume)
     except SCMError as exc:  # dvclive 3.49 fails in a git repository without commits
         raise UserError(f"dvclive cannot log here ({exc}): make a first git commit, then re-run") from None
 
@@ -123,40 +151,95 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
                 live.log_metric(key, value)
         live.next_step()
 
-    options = FitOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitOptions)
-                            if f.name in TrainConfig.model_fields and f.name != "precision"},
-                         seed=seed, precision=precision)
-    start = time.perf_counter()
-    try:
-        result = fit(model, tasks, weighting, train, val, options, on_epoch=log_epoch,
-                     checkpoint=checkpoint, resume=resume)
-    except CheckpointMismatch as exc:  # the inputs' hash matched, so the checkpoint is corrupt
-        raise UserError(f"{checkpoint}: {exc}; rerun with --fresh") from None
-    except NonFiniteLoss as exc:
-        raise UserError(f"train@{variant}-{seed}: {exc}") from None
-    seconds = time.perf_counter() - start
-    if not main:
-        return
-    live.end()
+    return live, log_epoch
 
-    bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
-                    "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
-                    "device": str(device), "processes": distributed.world()[0],
-                    "precision": precision, "deterministic": cfg.deterministic}
-    finished = work / "model"
-    finished.mkdir()
-    bundle.save(finished / "model.pt")
-    write_json(bundle.info | {"train_seconds": round(seconds, 2), "n_train": len(train),
-                              "n_val": len(val)}, finished / "train.json")
+
+def read_inputs(params: Params) -> dict:
+    """schema.json, checked against the params and the train and val splits."""
+    schema = read_json(paths.SCHEMA)
+    encoded.check_schema(schema, params)
+    kinds = {name: feature["kind"] for name, feature in schema["features"].items()}
+    kinds |= {column: task.kind for task in params.data.tasks.values() for column in task.columns}
+    for split in ("train", "val"):
+        columns = scan_table(paths.split_path(split)).schema
+        require_columns(columns, paths.split_path(split), params)
+        missing = [f for f in schema["features"] if f not in columns.names]
+        if missing:
+            raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
+                            f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
+        check_types(columns, paths.split_path(split), kinds)
+    return schema
+
+
+def build(params: Params, variant: str, seed: int, preprocessor: Preprocessor,
+          tasks: list[Task]) -> tuple[Bundle, weightings.Weighting]:
+    """The untrained model (a ``Bundle``) and the weighting of ``variant``."""
+    cfg, spec, enc = params.variant_train(variant), params.variants[variant], params.encoders
+    layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
+              "options": spec.arch_options}
+    info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
+            "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
+    try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
+        bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
+                               {"dim": enc.dim, "image_channels": enc.image_channels})
+        weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
+                                     spec.weighting_options)
+    except ValueError as exc:
+        raise UserError(f"variants.{variant}: {exc}") from None
+    return bundle, weighting
+
+
+def resumable(work: Path, inputs: str) -> bool:
+    """Whether ``work`` holds a checkpoint of a run of the same inputs (its stamp matches)."""
+    try:
+        stamp = (work / "inputs.sha256").read_bytes()
+    except OSError:  # no stamp, or not a readable file: start afresh
+        return False
+    return stamp == inputs.encode() and (work / "checkpoint.pt").is_file()
+
+
+def prepare(work: Path, inputs: str, resume: bool) -> int:
+    """Make ``work`` ready for the run; returns the first epoch to train. Resuming, what a kill
+    left half-written is removed, and so are the log rows of epochs after the checkpoint's."""
+    checkpoint = work / "checkpoint.pt"
+    if not resume:
+        with writing(work):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (work / "inputs.sha256").write_text(inputs)
+        return 0
+    remove_leftovers(checkpoint, work / "affinity.json", work / "model")
+    with run_file(checkpoint):
+        state = load_file(checkpoint)
+        if problem := mismatch(state, RUN_STATE):
+            raise NotOurs(problem)
+    first = state["epoch"] + 1
+    drop_logged_steps(work / "live", first)
+    return first
+
+
+@contextlib.contextmanager
+def run_file(path: Path) -> Iterator[None]:
+    """One line pointing to ``--fresh`` for a file of an interrupted run that does not read back."""
+    try:
+        yield
+    except (NotOurs, UserError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise UserError(f"{path}: not a file of an interrupted run of mtl-pipeline ({exc}); "
+                        "rerun with --fresh to start afresh") from None
+
+
+def publish(work: Path, variant: str, seed: int, bundle: Bundle, stats: dict,
+            probe: AffinityProbe | None) -> None:
+    """Write the model, ``train.json`` (its info and ``stats``) and the affinity summary, then
+    move them and the run's logs into place: both folders, or neither."""
+    with writing(work):
+        finished = temp_dir(work, "model")
+        bundle.save(finished / "model.pt")
+    write_json(bundle.info | stats, finished / "train.json")
     if probe is not None:
         write_json(probe.summary(), finished / "affinity.json")
-    out = paths.model_dir(variant, seed)
-    replace_dir(work / "live", paths.live_dir(variant, seed))
-    replace_dir(finished, out)
+    replace_dirs((work / "live", paths.live_dir(variant, seed)), (finished, paths.model_dir(variant, seed)))
     shutil.rmtree(work)
-    resumed = f" (resumed at epoch {result.resumed_at})" if resume else ""
-    print(f"train@{variant}-{seed}: {result.epochs_run} epochs{resumed} in {seconds:.1f}s on "
-          f"{device}, best epochs {result.best_epochs} -> {out / 'model.pt'}")
 
 
 def fingerprint(params: Params, variant: str, seed: int, data_key: str) -> str:
@@ -181,18 +264,12 @@ def on_device(data: TaskData, device: torch.device) -> TaskData:
     return data.to(device)
 
 
-def resumed_epoch(checkpoint: Path) -> int:
-    """The first epoch a run resuming from ``checkpoint`` trains."""
-    import torch
-
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]) + 1
-
-
 def drop_logged_steps(live_dir: Path, first: int) -> None:
     """Remove the dvclive rows of steps >= ``first`` (logged after the last checkpoint)."""
     for tsv in live_dir.glob("plots/metrics/**/*.tsv"):
-        header, *rows = tsv.read_text().splitlines()
-        step = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[step]) < first]
+        with run_file(tsv):
+            header, *rows = tsv.read_text(encoding="utf-8").splitlines()
+            step = header.split("\t").index("step")
+            kept = [r for r in rows if int(r.split("\t")[step]) < first]
         with atomic_path(tsv) as tmp:
-            tmp.write_text("\n".join([header, *kept]) + "\n")
+            tmp.write_text("\n".join([header, *kept]) + "\n", encoding="utf-8")
