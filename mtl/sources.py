@@ -1,4 +1,6 @@
-"""Built-in multi-task data sets, read from the shared data folder (``../shared/data`` next to
+"""Where ingest reads its rows: ``data.source``, a built-in data set or CSV/Parquet files.
+
+The built-in multi-task data sets are read from the shared data folder (``../shared/data`` next to
 the project root, or ``$MTL_SHARED_DATA``; see its README). Each takes an optional row limit
 (``data.source: multifashion:6000``) and returns an Arrow table with an ``id`` column.
 
@@ -10,11 +12,13 @@ the project root, or ``$MTL_SHARED_DATA``; see its README). Each takes an option
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from mtl.errors import UserError
+from mtl.io import Scan, read_table, scan_table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,3 +161,59 @@ def adult(limit: int | None = None) -> pa.Table:
         table = table.slice(0, limit)
     never = pc.equal(table["marital_status"], "Never-married")
     return table.append_column("never_married", pc.if_else(never, "yes", "no"))
+
+
+def penguins_csv() -> Path:
+    """The Palmer penguins CSV shipped inside the ``palmerpenguins`` package (no download)."""
+    import palmerpenguins
+
+    return Path(palmerpenguins.__file__).parent / "data" / "penguins.csv"
+
+
+def penguins(limit: int | None = None) -> pa.Table:
+    table = read_table(penguins_csv())
+    return table if limit is None else table.slice(0, limit)
+
+
+# Built-in data sets: name -> reader taking an optional row limit ("name:N" in data.source).
+BUILTIN_SOURCES = {"penguins": penguins, "multifashion": multifashion,
+                   "tweets": tweets, "adult": adult}
+
+
+def read_source(source: str) -> pa.Table:
+    """A built-in data set by name (``name:N`` keeps its first N rows), or every CSV/Parquet
+    file matching a path or glob."""
+    scan = scan_source(source)
+    return pa.Table.from_batches(list(scan.batches()), scan.schema)
+
+
+def scan_source(source: str) -> Scan:
+    """``read_source`` in record batches: files are streamed, one after the other."""
+    name, colon, limit = source.partition(":")
+    if name in BUILTIN_SOURCES:
+        if colon and not (limit.isdigit() and int(limit) > 0):
+            raise UserError(f"data.source: '{source}': after '{name}:' put a positive number of rows")
+        return Scan.of(BUILTIN_SOURCES[name](int(limit) if colon else None))
+    paths = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else [source]
+    if not paths:
+        raise UserError(f"data.source: no file matches '{source}'")
+    if not os.path.lexists(paths[0]):
+        raise UserError(f"data.source: file '{source}' not found (nor is it a built-in data set: "
+                        f"{', '.join(BUILTIN_SOURCES)})")
+    scans = [scan_table(p) for p in paths]
+    if len(scans) == 1:
+        return scans[0]
+    try:  # as pa.concat_tables(promote_options="permissive") would
+        schema = pa.unify_schemas([s.schema for s in scans], promote_options="permissive")
+    except pa.ArrowException as exc:
+        raise UserError(f"data.source: files matching '{source}' have incompatible columns: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for scan in scans:
+            for batch in scan.batches():
+                yield pa.RecordBatch.from_arrays(
+                    [batch.column(f.name).cast(f.type) if f.name in batch.schema.names
+                     else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+
+    return Scan(schema, batches)

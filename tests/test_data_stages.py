@@ -6,7 +6,8 @@ import pytest
 
 from mtl import paths
 from mtl.config import SplitConfig, load_params
-from mtl.io import read_source, read_table, write_table
+from mtl.io import read_table, write_table
+from mtl.sources import read_source
 from mtl.stages import augment, ingest, split
 from tests.helpers import REPO
 

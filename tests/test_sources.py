@@ -20,13 +20,13 @@ from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit
 from mtl.errors import UserError
-from mtl.io import read_source
 from mtl.sources import (
     FASHION_CLASSES,
     PAIRING_SEED,
     adult,
     multifashion,
     read_idx,
+    read_source,
     shared_data,
     tweets,
 )

@@ -8,7 +8,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from mtl import io, paths
+from mtl import io, paths, sources
 from mtl.config import load_params
 from mtl.errors import UserError
 from mtl.stages import augment, ingest, split
@@ -19,7 +19,7 @@ def run_stages(root, monkeypatch, batch_rows: int, *overrides: str) -> dict:
     """Run ingest, augment and split on penguins (read from a Parquet file) in ``root``."""
     monkeypatch.setattr(io, "BATCH_ROWS", batch_rows)
     monkeypatch.chdir(root)
-    pq.write_table(io.penguins(), root / "penguins.parquet")
+    pq.write_table(sources.penguins(), root / "penguins.parquet")
     params = load_params(REPO / "params.yaml", ["data.source=penguins.parquet", *overrides])
     for stage in (ingest, augment, split):
         stage.run(params)
@@ -52,7 +52,7 @@ def _approx(a: object, b: object) -> bool:
 
 def test_checks_count_over_every_batch(tmp_path, monkeypatch):
     """A count in a message is the whole table's, whatever the batch size."""
-    table = io.penguins()
+    table = sources.penguins()
     mass = [None if v is None else str(v) for v in table["body_mass_g"].to_pylist()]
     for row in (5, 150, 300):
         mass[row] = "heavy"
@@ -63,7 +63,7 @@ def test_checks_count_over_every_batch(tmp_path, monkeypatch):
     for batch_rows in (40, 1 << 20):
         monkeypatch.setattr(io, "BATCH_ROWS", batch_rows)
         with pytest.raises(UserError) as error:
-            ingest.ingest(io.scan_source(params.data.source), params.data, lambda table: None)
+            ingest.ingest(sources.scan_source(params.data.source), params.data, lambda table: None)
         messages.add(str(error.value))
     assert len(messages) == 1
     assert "3 values that are not, e.g. 'heavy'" in messages.pop()

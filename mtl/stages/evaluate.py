@@ -10,7 +10,7 @@ from mtl import paths
 from mtl.config import Params
 from mtl.engine.trainer import TaskData, predict
 from mtl.io import read_table, remove_leftovers, write_json
-from mtl.stages.common import check_features, check_types, load_model, model_kinds, require_columns
+from mtl.stages.trained import check_labelled, load_model
 
 
 def run(params: Params, variant: str, seed: int) -> None:
@@ -18,9 +18,7 @@ def run(params: Params, variant: str, seed: int) -> None:
     bundle = load_model(params, variant, seed)
     test_path = paths.split_path("test")
     table = read_table(test_path)
-    require_columns(table, test_path, params)
-    check_features(table, test_path, bundle.preprocessor)
-    check_types(table.schema, test_path, model_kinds(bundle))
+    check_labelled(table, test_path, params, bundle)
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
     outputs = predict(bundle.model, data.inputs)
     metrics = {}

@@ -35,14 +35,8 @@ from mtl.engine.checkpoint import Bundle, versions
 from mtl.engine.trainer import TaskData, predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table, write_json
-from mtl.stages.common import (
-    check_features,
-    check_types,
-    load_model,
-    model_kinds,
-    require_columns,
-)
 from mtl.stages.predict import CHUNK_ROWS
+from mtl.stages.trained import check_labelled, load_model
 
 FORMATS = ("torchscript", "onnx")
 EXAMPLE_ROWS = 8  # rows of the test split traced through the network
@@ -75,9 +69,7 @@ def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: 
     bundle = load_model(params, variant, seed)
     test_path = paths.split_path("test")
     table = read_table(test_path)
-    require_columns(table, test_path, params)
-    check_features(table, test_path, bundle.preprocessor)
-    check_types(table.schema, test_path, model_kinds(bundle))
+    check_labelled(table, test_path, params, bundle)
     if table.num_rows < 2:
         raise UserError(f"{test_path}: export needs at least 2 test rows to trace and measure")
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import DataConfig, Params
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers, scan_source
+from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers
+from mtl.sources import scan_source
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)

@@ -26,7 +26,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.trainer import predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table
-from mtl.stages.common import check_features, load_model
+from mtl.stages.trained import check_features, load_model
 
 CHUNK_ROWS = 4096
 

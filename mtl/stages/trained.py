@@ -1,0 +1,68 @@
+"""Loading a trained model and checking that a table holds what it reads: for the stages
+that use a model (evaluate, predict, export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from mtl import paths
+from mtl.config import Params
+from mtl.engine.checkpoint import Bundle, NotOurs
+from mtl.engine.encoders import Preprocessor
+from mtl.errors import UserError
+from mtl.stages.common import check_types, require_columns, seeds_of
+
+
+def model_kinds(bundle: Bundle) -> dict[str, str]:
+    """The kind of each column a trained model reads: its features and its tasks' targets."""
+    p = bundle.preprocessor
+    kinds = {name: "numeric" for name in p.tabular.numeric}
+    kinds |= {name: "categorical" for name in p.tabular.categorical}
+    kinds |= {name: "text" for name in (p.text.columns if p.text else ())}
+    kinds |= {name: "image" for name in (p.image.columns if p.image else ())}
+    return kinds | {column: task.kind for task in bundle.tasks for column in task.columns}
+
+
+def load_model(params: Params, variant: str, seed: str | int | None) -> Bundle:
+    """The trained model of ``variant`` and ``seed`` (default: the first of ``seeds``)."""
+    params.variant_train(variant)  # an unknown variant fails here
+    seed = params.seeds[0] if seed is None else seeds_of(params, [seed])[0]
+    path = paths.model_dir(variant, seed) / "model.pt"
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run 'mtl train --variant {variant} --seed {seed}' first)")
+    try:
+        return Bundle.load(path)
+    except NotOurs as exc:
+        raise UserError(f"{path} is not a model written by mtl-pipeline ({exc}); "
+                        f"run 'mtl train --variant {variant} --seed {seed}' again") from None
+
+
+def feature_columns(preprocessor: Preprocessor) -> list[str]:
+    p = preprocessor
+    return [*p.tabular.numeric, *p.tabular.categorical,
+            *(p.text.columns if p.text else ()), *(p.image.columns if p.image else ())]
+
+
+def check_features(table: pa.Table, path: Path, preprocessor: Preprocessor) -> None:
+    """One line naming the first feature column the model needs that ``table`` lacks, or the
+    first numeric one that does not hold numbers."""
+    for name in feature_columns(preprocessor):
+        if name not in table.column_names:
+            raise UserError(f"{path}: feature column '{name}' is missing (the model reads "
+                            f"{feature_columns(preprocessor)})")
+    for name in preprocessor.tabular.numeric:
+        try:
+            table[name].cast(pa.float64())
+        except pa.ArrowException:
+            raise UserError(f"{path}: column '{name}' must hold numbers "
+                            f"(it holds {table[name].type})") from None
+
+
+def check_labelled(table: pa.Table, path: Path, params: Params, bundle: Bundle) -> None:
+    """One line naming what a labelled table (the test split) lacks for scoring ``bundle``: a
+    target or the id column, a feature column, or a column of the wrong type."""
+    require_columns(table, path, params)
+    check_features(table, path, bundle.preprocessor)
+    check_types(table.schema, path, model_kinds(bundle))
