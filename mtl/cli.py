@@ -13,12 +13,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # typer >= 0.29 ships its own click
+from typer.core import TyperGroup
 
 from mtl.config import load_params
 from mtl.errors import UserError
 from mtl.lock import stage_lock
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class OneLineErrors(TyperGroup):
+    """Click's command group, except that a mistake on the command line (a missing or unknown
+    option, a value of the wrong type) is one line ``error: ...`` and exit code 2, like every
+    other user error, instead of a usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:
+            exc.show()  # `mtl` alone: the help
+            sys.exit(exc.exit_code)
+        except typer.TyperException as exc:  # click's usage errors
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "mtl"
+            typer.echo(f"error: {command}: {exc.format_message()} (see {command} --help)", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False,
                   help="Reproducible multi-task-learning experiments. Run a single pipeline stage, "
                        "or `dvc repro` for the whole pipeline.")
 
@@ -26,11 +53,9 @@ ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params f
 SetOption = Annotated[list[str], typer.Option(
     "--set", "-S", help="Override a parameter, e.g. --set train.epochs=5 (value parsed as YAML).")]
 VariantOption = Annotated[str, typer.Option("--variant", "-v", help="A variant named in params.yaml.")]
-# Seeds are read as text and checked with the params (mtl.stages.common.seeds_of), so that a
-# typo is one line, not typer's usage message.
-SeedOption = Annotated[list[str], typer.Option(
+SeedOption = Annotated[list[int], typer.Option(
     "--seed", help="A seed of params.yaml's `seeds` (repeatable); default: each of them.")]
-OneSeedOption = Annotated[str | None, typer.Option(
+OneSeedOption = Annotated[int | None, typer.Option(
     "--seed", help="A seed of params.yaml's `seeds`; default: the first.")]
 
 

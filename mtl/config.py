@@ -75,6 +75,12 @@ class DataConfig(Section):
         for col in self.features or []:
             if col in targets:
                 raise ValueError(f"data.features: '{col}' is a task's target and cannot be a feature")
+        for key in ("id_column", "features", "categorical", "text", "image", "drop"):
+            value = getattr(self, key) or []
+            for col in [value] if isinstance(value, str) else value:
+                if col in RESERVED:
+                    raise ValueError(f"data.{key}: '{col}' is a reserved column name "
+                                     f"({', '.join(RESERVED)}); rename the column in the data")
         declared: dict[str, str] = {}
         for key in ("categorical", "text", "image"):
             for col in getattr(self, key):

@@ -12,14 +12,17 @@ from datetime import datetime
 
 from mtl import paths
 from mtl.errors import UserError
+from mtl.io import writing
 
 
 @contextlib.contextmanager
 def stage_lock(name: str) -> Iterator[None]:
     """Hold ``.mtl/locks/<name>.lock`` for the block; a ``UserError`` if another run holds it."""
     path = paths.WORK_DIR / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as file:
+    with writing(path):  # a full disk or read-only project: one line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+")  # noqa: SIM115 (closed below, also on error)
+    with file:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -27,8 +30,9 @@ def stage_lock(name: str) -> Iterator[None]:
             holder = file.read().strip() or "pid unknown, just started"
             raise UserError(f"stage '{name}' is already running in this project ({holder}); "
                             "wait for it to finish or stop it") from None
-        file.truncate(0)
         since = datetime.now().astimezone().isoformat(timespec="seconds")
-        file.write(f"pid {os.getpid()}, since {since}")
-        file.flush()
+        with writing(path):
+            file.truncate(0)
+            file.write(f"pid {os.getpid()}, since {since}")
+            file.flush()
         yield

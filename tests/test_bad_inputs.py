@@ -443,7 +443,7 @@ def invoke(root: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     """The CLI app run in this process, in ``root``; an exception it lets out becomes a traceback
     on stderr, as in a real process."""
     with contextlib.chdir(root):
-        result = CliRunner().invoke(app, args)
+        result = CliRunner().invoke(app, args, prog_name="mtl")
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
@@ -608,10 +608,16 @@ TRAINED_CASES = [
     pytest.param(write(METRICS, "{not json"), ["compare"], [METRICS, "not valid JSON"], id="metrics-not-json"),
     pytest.param(write(METRICS, '{"label": 3}'), ["compare"], [METRICS], id="metrics-of-another-shape"),
     # --seed that is not a number
-    *(pytest.param(None, [command, "--variant", "hps", "--seed", "x", *more], ["--seed", "'x'"],
+    *(pytest.param(None, [command, "--variant", "hps", "--seed", "x", *more],
+                   [f"mtl {command}: Invalid value for '--seed'", "integer"],
                    id=f"{command}-seed-not-a-number")
       for command, more in (("train", []), ("evaluate", []), ("export", ["-f", "onnx", "-o", "m.onnx"]),
                             ("predict", ["-i", "data/split/test.parquet", "-o", "p.parquet"]))),
+    # the command line itself
+    pytest.param(None, ["train"], ["mtl train: Missing option '--variant'"], id="missing-option"),
+    pytest.param(None, ["ingest", "--bogus"], ["mtl ingest: No such option: --bogus"],
+                 id="unknown-option"),
+    pytest.param(None, ["ingst"], ["mtl: No such command 'ingst'"], id="unknown-command"),
     # the outputs a user names
     pytest.param(write("notes.txt", "x"), ["predict", "--variant", "hps", "-i", "data/split/test.parquet",
                                            "-o", "notes.txt/p.parquet"],
@@ -672,7 +678,7 @@ TRAINED_CASES = [
 ]
 
 
-TRAINED_IN_A_PROCESS = {"model-pickle-protocol-4", "train-split-overflowing-values"}
+TRAINED_IN_A_PROCESS = {"model-pickle-protocol-4", "train-split-overflowing-values", "missing-option"}
 
 
 @pytest.mark.parametrize(("setup", "args", "names"), TRAINED_CASES)

@@ -362,3 +362,11 @@ def test_a_killed_dvc_repro_resumes_and_two_runs_write_identical_results(tmp_pat
     (killed / "dvclive/hps-ew/seed-0/metrics.json").unlink()
     run(["dvc", "checkout", "train@hps-ew-0"], killed)
     assert "up to date" in run(["dvc", "status"], killed).stdout
+
+
+def test_a_full_disk_or_read_only_project_stops_at_the_stage_lock_with_one_line(split_project, tmp_path):
+    root = shutil.copytree(split_project, tmp_path / "project")
+    (root / ".mtl/locks").mkdir(parents=True, exist_ok=True)
+    with tmpfs(root / ".mtl/locks", "4k", "ro"):
+        result = run(["mtl", "compare"], root, check=False)
+    one_error_line(result, ".mtl/locks/compare.lock", "cannot be written")

@@ -45,16 +45,10 @@ def check_types(columns: pa.Schema, path: Path, kinds: dict[str, str]) -> None:
                             "pipeline from ingest)")
 
 
-def seeds_of(params: Params, chosen: list[str | int] | None) -> list[int]:
-    """The seeds a command runs: those chosen on the command line (``--seed``, as typed), each
-    one of ``seeds``; without any, each of ``seeds``."""
-    seeds = []
-    for text in chosen or []:
-        try:
-            seed = int(text)
-        except ValueError:
-            raise UserError(f"--seed: '{text}' is not an integer") from None
+def seeds_of(params: Params, chosen: list[int] | None) -> list[int]:
+    """The seeds a command runs: those chosen on the command line, each one of ``seeds``;
+    without any, each of ``seeds``."""
+    for seed in chosen or []:
         if seed not in params.seeds:
             raise UserError(f"--seed: {seed} is not in seeds {params.seeds} of the params file")
-        seeds.append(seed)
-    return seeds or list(params.seeds)
+    return list(chosen or params.seeds)

@@ -69,7 +69,7 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
         raise UserError(f"data.source: '{data.source}' holds {'no rows' if head == 0 else 'a single row'}"
                         "; train, validation and test splits need more")
     names = scan.schema.names
-    check_reserved(names, data)
+    check_reserved(names)
     for name, task in data.tasks.items():
         for column in task.columns:
             if column not in names:
@@ -158,20 +158,14 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
             "tasks": tasks}
 
 
-def check_reserved(names: list[str], data: DataConfig) -> None:
-    """Refuse a column of the source, or of ``data``'s lists, with a name the pipeline gives its
-    own columns (``paths.RESERVED``): it would be dropped, or taken for the pipeline's own."""
-    reserved = ", ".join(paths.RESERVED)
-    for key in ("id_column", "features", "categorical", "text", "image", "drop"):
-        value = getattr(data, key) or []
-        for name in [value] if isinstance(value, str) else value:
-            if name in paths.RESERVED:
-                raise UserError(f"data.{key}: '{name}' is a reserved column name ({reserved}); "
-                                "rename the column in the data")
+def check_reserved(names: list[str]) -> None:
+    """Refuse a column of the source with a name the pipeline gives its own columns
+    (``paths.RESERVED``): it would be dropped, or taken for the pipeline's own. (``mtl.config``
+    refuses such names in params.yaml.)"""
     for name in names:
         if name in paths.RESERVED:
             raise UserError(f"data.source: column '{name}' has a name reserved for the pipeline's "
-                            f"own columns ({reserved}); rename it in the data")
+                            f"own columns ({', '.join(paths.RESERVED)}); rename it in the data")
 
 
 def feature_kinds(schema: pa.Schema, data: DataConfig) -> dict[str, str | None]:

@@ -25,7 +25,7 @@ def model_kinds(bundle: Bundle) -> dict[str, str]:
     return kinds | {column: task.kind for task in bundle.tasks for column in task.columns}
 
 
-def load_model(params: Params, variant: str, seed: str | int | None) -> Bundle:
+def load_model(params: Params, variant: str, seed: int | None) -> Bundle:
     """The trained model of ``variant`` and ``seed`` (default: the first of ``seeds``)."""
     params.variant_train(variant)  # an unknown variant fails here
     seed = params.seeds[0] if seed is None else seeds_of(params, [seed])[0]
