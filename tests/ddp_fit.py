@@ -21,7 +21,9 @@ TASKS = [Task("kind", "multiclass", "kind", classes=("a", "b", "c")),
 CONFIGS = [("ew", "ew", {}, 1), ("ew-accumulate", "ew", {}, 2), ("uw", "uw", {}, 1),
            ("gradnorm", "gradnorm", {}, 1), ("upgrad", "upgrad", {}, 1),
            ("upgrad-features", "upgrad", {"level": "features"}, 1),
-           ("mgda-features", "mgda", {"level": "features"}, 1), ("db_mtl", "db_mtl", {}, 1)]
+           ("mgda-features", "mgda", {"level": "features"}, 1), ("db_mtl", "db_mtl", {}, 1),
+           ("nash_mtl", "nash_mtl", {"update_weights_every": 2, "max_norm": 0.5}, 1),
+           ("imtl", "imtl", {}, 1)]
 
 
 def data(rows: int, seed: int) -> TaskData:
