@@ -4,6 +4,7 @@ Each test works on its own copy of a project that the flow brought up to date on
 DVC cache and run-cache included, so that every test passes alone and in any order. The tests of
 deployments start their own server and worker with ``pipelines/serve.sh``."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
+import psutil
 import pytest
 import yaml
 from prefect import get_client
@@ -24,6 +26,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mtl.errors import UserError
@@ -228,3 +231,113 @@ def test_dask_runner_on_an_existing_cluster(project):
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
     assert ran == ["train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+
+
+# Deployments on a server and worker that pipelines/serve.sh starts (as `make serve` does).
+
+@contextlib.contextmanager
+def served(root: Path, home: Path):
+    """``pipelines/serve.sh`` in ``root`` with its own PREFECT_HOME and port; ``serve.sh stop`` at
+    the end. Yields the environment of its API, and the client settings point at it."""
+    serve_env = {k: v for k, v in env().items() if k != "PREFECT_API_URL"}
+    serve_env |= {"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port())}
+    try:
+        subprocess.run(["pipelines/serve.sh"], cwd=root, env=serve_env, check=True,
+                       capture_output=True, text=True, timeout=300)
+        url = f"http://127.0.0.1:{serve_env['PREFECT_PORT']}/api"
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield serve_env | {"PREFECT_API_URL": url}
+    finally:
+        subprocess.run(["pipelines/serve.sh", "stop"], cwd=root, env=serve_env, timeout=120,
+                       check=False)
+
+
+def deployment_run(root: Path, serve_env: dict, name: str, *args: str) -> UUID:
+    out = subprocess.run(["prefect", "--no-prompt", "deployment", "run", name, *args], cwd=root,
+                         env=serve_env, capture_output=True, text=True, check=True).stdout
+    return UUID(out.split("UUID:")[1].split()[0])
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(1)
+    return result
+
+
+def read_flow_run(flow_run_id: UUID):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def started_by(home: Path) -> list[psutil.Process]:
+    """The live processes whose PREFECT_HOME is ``home``: serve.sh and everything it started."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (process.status() != psutil.STATUS_ZOMBIE
+                    and process.environ().get("PREFECT_HOME") == str(home)):
+                found.append(process)
+    return found
+
+
+def test_the_deployments_of_one_project_queue_instead_of_running_at_once(project, tmp_path):
+    with served(project, tmp_path / "home") as serve_env:
+        with get_client(sync_client=True) as client:
+            nightly = client.read_deployment_by_name("pipeline/nightly")
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        assert nightly.work_pool_name == "mtl-process"
+        runs = [deployment_run(project, serve_env, "pipeline/nightly", "--param",
+                               'overrides=["variants.hps-ew.train.lr=0.01"]'),
+                deployment_run(project, serve_env, "sweep/sweep")]
+
+        def ended():
+            states = [read_flow_run(r).state for r in runs]
+            return all(s.is_final() for s in states) and states
+
+        states = wait_for(ended, 400, "both runs to end")
+        assert all(s.is_completed() for s in states), states
+        first, second = sorted((task_runs(r) for r in runs),
+                               key=lambda ts: min(t.start_time for t in ts.values()))
+        assert max(t.end_time for t in first.values()) < min(t.start_time for t in second.values())
+    assert is_clean(project)
+    assert "sweep-hps-ew" not in (project / "params.yaml").read_text()
+
+
+def test_a_run_whose_worker_and_process_die_ends_crashed(tmp_path):
+    """A host crash, simulated: SIGKILL for the worker and the flow run's processes at once."""
+    root = copy_project(tmp_path / "project")
+    automation = root / "pipelines/automations.yaml"  # the shortest window above the 30 s heartbeat
+    automation.write_text(automation.read_text().replace("within: 90", "within: 40"))
+    with served(root, tmp_path / "home") as serve_env:
+        flow_run_id = deployment_run(root, serve_env, "pipeline/nightly")
+        with get_client(sync_client=True) as client:
+            wait_for(lambda: client.read_events(EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])), limit=1).events,
+                120, "the run's first heartbeat")
+        worker = psutil.Process(int((tmp_path / "home/run/worker.pid").read_text()))
+        doomed = [worker, *worker.children(recursive=True)]
+        assert any("prefect.engine" in " ".join(p.cmdline()) for p in doomed)
+        for process in doomed:
+            process.kill()
+        killed = time.monotonic()
+        state = wait_for(lambda: (s := read_flow_run(flow_run_id).state).is_final() and s, 120,
+                         "the run to end")
+        assert state.is_crashed(), state
+        assert time.monotonic() - killed < 40 + 30  # the window, plus Prefect's evaluation
+
+
+def test_make_stop_leaves_nothing_that_make_serve_started(tmp_path):
+    root, home = copy_project(tmp_path / "project"), tmp_path / "home"
+    with served(root, home) as serve_env:
+        deployment_run(root, serve_env, "pipeline/nightly")
+        wait_for(lambda: any("mtl" in " ".join(p.cmdline()) for p in started_by(home)), 120,
+                 "a stage of the run to start")
+        started = time.monotonic()
+        out = subprocess.run(["pipelines/serve.sh", "stop"], cwd=root, env=serve_env,
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        assert out.splitlines() == ["stopped worker", "stopped server"]
+        assert time.monotonic() - started < 30
+        assert started_by(home) == []
