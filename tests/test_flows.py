@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mtl.errors import UserError
@@ -62,6 +63,7 @@ def server(tmp_path_factory):
         with temporary_settings({PREFECT_API_URL: url}), pytest.MonkeyPatch.context() as patch:
             patch.setenv("PREFECT_API_URL", url)  # for the processes of the process task runner
             yield server_env
+            APILogWorker.drain_all(timeout=5)  # the last logs reach the server before it stops
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
@@ -155,7 +157,9 @@ def test_a_run_with_the_same_inputs_is_restored_from_the_run_cache_shared_with_d
     assert metrics.read_bytes() == changed_metrics and is_clean(project)
 
 
-def test_output_reaches_the_log_as_it_is_printed_and_a_failure_names_stage_and_cause(project):
+def test_output_reaches_the_log_as_it_is_printed_and_a_failure_names_stage_and_cause(
+        project, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the flow sets it for the stage
     printer = "import time; print('first line'); time.sleep(3); print('second line')"
     edit_stage(project, "compare", f'python -c "{printer}" && mtl compare --set compare.baseline=nope')
     error, flow_run_id = flow_run(pipeline, root=str(project), retries=0)
