@@ -21,29 +21,35 @@ tree() {
 
 # The process groups of a process and its descendants: flow runs start in sessions of their own,
 # out of the worker's group, and the stage commands they run are in theirs.
-groups() { ps -o pgid= -p "$(tree "$1" | paste -sd, -)" | sort -u; }
+process_groups() { ps -o pgid= -p "$(tree "$1" | paste -sd, -)" | sort -u; }
 
 # Processes of these groups that still run (a zombie has exited; its parent reaps it).
 running() { ps -e -o pgid=,stat= | awk -v groups=" $* " 'index(groups, " " $1 " ") && $2 !~ /^Z/'; }
 
-signal() {
-  local name=$1 group
-  shift
-  for group in "$@"; do kill -"$name" -- "-$group" 2>/dev/null || true; done
-}
-
+# SIGTERM to a process and everything under it, then SIGKILL to what still runs after
+# STOP_TIMEOUT seconds. It is paused while its processes are listed, so that it starts no flow
+# run meanwhile, and listed again while it stops (a run it was starting).
 stop_one() {
-  local name=$1 file="$run_dir/$1.pid" pid groups waited=0
+  local name=$1 file="$run_dir/$1.pid" pid group groups="" waited=0
   [ -f "$file" ] || return 0
   pid=$(cat "$file")
   if ps -o args= -p "$pid" | grep -q "prefect $name start"; then
-    groups=$(groups "$pid")
-    signal TERM $groups
-    while [ -n "$(running $groups)" ] && [ "$waited" -lt "$((${STOP_TIMEOUT:-10} * 5))" ]; do
+    kill -STOP "$pid"
+    while :; do
+      for group in $(process_groups "$pid"); do
+        case " $groups " in
+          *" $group "*) ;;
+          *) groups="$groups $group"; kill -TERM -- "-$group" 2>/dev/null || true ;;
+        esac
+      done
+      kill -CONT "$pid" 2>/dev/null || true
+      [ -n "$(running $groups)" ] && [ "$waited" -lt "$((${STOP_TIMEOUT:-10} * 5))" ] || break
       sleep 0.2
       waited=$((waited + 1))
     done
-    signal KILL $groups
+    for group in $(running $groups | awk '{print $1}' | sort -u); do
+      kill -KILL -- "-$group" 2>/dev/null || true
+    done
     echo "stopped $name"
   fi
   rm -f "$file"
