@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dvc.exceptions import DvcException
+from dvc.fs import LocalFileSystem
 from dvc.repo import Repo, lock_repo
 from dvc.repo.reproduce import get_active_graph
 from dvc.schema import COMPILED_LOCKFILE_SCHEMA
@@ -91,8 +92,6 @@ def record(repo: Repo, name: str) -> None:
 
 def lock_problem(path: Path) -> str | None:
     """Why DVC cannot read a dvc.lock (empty, cut short, not a lock file), or None if it can."""
-    from dvc.fs import LocalFileSystem
-
     try:
         load_strict_yaml(str(path), COMPILED_LOCKFILE_SCHEMA, LocalFileSystem())
     except DvcException as exc:
