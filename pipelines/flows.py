@@ -1,33 +1,36 @@
 """Prefect flows over the DVC pipeline: ``pipeline`` (on demand or scheduled) and ``sweep``.
 
-Prefect runs *over* DVC, not around it. DVC's graph says which stages come before which. At each
-level of that graph, DVC says which stages are stale. The flow runs those stages' commands (the
-``cmd`` of ``dvc.yaml``, so exactly what ``dvc repro`` would run) as Prefect tasks in parallel,
-with retries. It then records them in ``dvc.lock`` with ``dvc commit``, one stage at a time, from
-this process alone. Concurrent ``dvc repro`` processes in one repository would fight over DVC's
-lock, and a single serialized commit step does not. After a flow, ``dvc status`` is clean and
-``dvc repro`` is a no-op.
+Prefect runs *over* DVC, not around it, and behaves like ``dvc repro``, only parallel (see
+``pipelines/schedule.py``): DVC's graph orders the stages, DVC says which are stale or can be
+restored from the run-cache, the stale stages' commands (the ``cmd`` of ``dvc.yaml``) run as
+Prefect tasks with retries, and this process alone records them in dvc.lock. After a flow,
+``dvc status`` is clean and ``dvc repro`` is a no-op. One flow run at a time works on a project:
+the others wait for its Prefect concurrency limit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
-import shlex
-import subprocess
-import sys
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import networkx as nx
-from dvc.repo import Repo
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from mtl import paths
 from mtl.config import load_params
 from mtl.errors import UserError
-from pipelines import params_file
+from mtl.io import read_json
+from pipelines import params_file, workspace
+from pipelines import repo as dvc
+from pipelines.schedule import bring_up_to_date
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -47,120 +50,77 @@ def task_runner(kind: str, workers: int | None = None, dask_address: str | None 
     raise UserError(f"runner: '{kind}' is not one of {', '.join(RUNNERS)}")
 
 
+def limit_name(project: Path) -> str:
+    """The name of the project's Prefect global concurrency limit (one per project directory)."""
+    digest = hashlib.sha256(str(project).encode()).hexdigest()[:10]
+    readable = re.sub(r"[^\w.-]", "-", project.name)
+    return f"mtl-project-{readable}-{digest}"
+
+
 @contextlib.contextmanager
-def dvc_repo(root: Path) -> Iterator[Repo]:
-    """DVC's repository object; DVC's API expects the working directory inside the repository.
-    Only the flow's own thread calls it, while no stage task is running."""
-    previous = Path.cwd()
-    os.chdir(root)
-    try:
-        with Repo(str(root)) as repo:
-            yield repo
-    finally:
-        os.chdir(previous)
+def one_run_per_project(project: Path) -> Iterator[None]:
+    """Hold the project's concurrency limit (1 slot, created if missing), waiting while another
+    flow run holds it: two runs on one project queue instead of meeting on a stage's lock.
+    Prefect leases the slot; a run that dies releases it when its lease expires (5 min)."""
+    name = limit_name(project)
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info("waiting for concurrency limit %s (one flow run per project)", name)
+    with concurrency(name, occupy=1, strict=True):
+        get_run_logger().info("acquired %s", name)
+        yield
 
 
-def stage_levels(root: Path) -> list[list[tuple[str, str]]]:
-    """The pipeline's stages as (name, cmd), grouped so that each group only depends on earlier
-    groups: the stages of one group can run in parallel."""
-    with dvc_repo(root) as repo:
-        graph = repo.index.graph  # an edge (a, b): stage a depends on stage b
-        depth: dict = {}
-        for stage in reversed(list(nx.topological_sort(graph))):
-            depth[stage] = 1 + max((depth[d] for d in graph.successors(stage)), default=-1)
-        levels: list[list[tuple[str, str]]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
-        for stage, level in depth.items():
-            levels[level].append((stage.addressing, stage.cmd))
-    return [sorted(level) for level in levels]
-
-
-def stale(root: Path, names: list[str]) -> list[str]:
-    """The stages among ``names`` that DVC reports as changed (deps, params, outs or command)."""
-    with dvc_repo(root) as repo:
-        changed = repo.status(targets=names)
-    return [n for n in names if n in changed]
-
-
-def record(root: Path, names: list[str]) -> None:
-    """``dvc commit`` the stages just run, one at a time, so dvc.lock stays the one record."""
-    with dvc_repo(root) as repo:
-        for name in names:
-            repo.commit(name, force=True)
-
-
-@task(name="stage", task_run_name="{name}")
-def run_stage(name: str, cmd: str, root: str, threads: int | None = None) -> str:
-    """Run one stage's command; its output goes to the flow's log; a failure names the stage.
-    ``threads`` caps torch's threads, so that stages running side by side share the cores
-    instead of oversubscribing them (measured: 2 stages × 2 threads on 2 cores ran up to 7×
-    slower than with 1 thread each)."""
+def up_to_date(project: Path, retries: int, runner: str, workers: int | None,
+               dask_address: str | None) -> list[str]:
+    """Run the stale stages of ``project`` (see ``schedule.bring_up_to_date``); first put back the
+    last good dvc.lock if a kill left it unreadable. Returns the stages that ran."""
     logger = get_run_logger()
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    result = subprocess.run(shlex.split(cmd), cwd=root, env=env, capture_output=True, text=True, check=False)
-    for line in (result.stdout + result.stderr).splitlines():
-        logger.info("%s | %s", name, line)
-    if result.returncode != 0:
-        cause = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise RuntimeError(f"stage {name} failed (exit {result.returncode}): {cause}")
-    return result.stdout
-
-
-@flow(name="stage-level")
-def run_level(names_cmds: list[tuple[str, str]], root: str, retries: int,
-              threads: int | None = None) -> None:
-    """Run independent stages in parallel on this flow's task runner."""
-    futures = [run_stage.with_options(retries=retries).submit(n, c, root, threads)
-               for n, c in names_cmds]
-    for future in futures:
-        future.result()
+    problem = dvc.repair_lock(project)
+    if problem:
+        logger.warning("dvc.lock was unreadable (%s): restored the copy kept before the last "
+                       "commit (%s)", problem, dvc.GOOD_LOCK)
+    ran = bring_up_to_date(project, task_runner(runner, workers, dask_address), retries,
+                           workers, cap_threads=runner != "dask")
+    logger.info("up to date; ran %d stage(s): %s", len(ran), ", ".join(ran) or "none")
+    return ran
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(root: str = ".", params: str | None = None, overrides: list[str] | None = None,
              retries: int = 1, runner: str = "threads", workers: int | None = None,
              dask_address: str | None = None) -> list[str]:
-    """Bring the DVC pipeline up to date: run the stale stages, independent variants in parallel,
-    and record them in dvc.lock. ``params`` replaces params.yaml and ``overrides`` (``a.b=value``)
-    are written into it first, as ``dvc exp run -S`` does. Returns the stages it ran."""
-    logger = get_run_logger()
+    """Bring the DVC pipeline up to date: run the stale stages, each as soon as its inputs are
+    ready, and record them in dvc.lock. ``params`` replaces params.yaml and ``overrides``
+    (``a.b=value``) are written into it first, as ``dvc exp run -S`` does. Returns the stages it
+    ran (stages restored from the run-cache did not run)."""
     project = Path(root).resolve()
-    params_file.update(project / "params.yaml", source=params, overrides=overrides or [])
-    load_params(project / "params.yaml")  # a bad configuration fails here, naming the key
-    level_flow = run_level.with_options(task_runner=task_runner(runner, workers, dask_address))
-    ran: list[str] = []
-    for level in stage_levels(project):
-        todo = stale(project, [name for name, _ in level])
-        if not todo:
-            continue
-        logger.info("running %s", ", ".join(todo))
-        side_by_side = min(len(todo), workers or len(todo))
-        threads = None if runner == "dask" else max(1, (os.cpu_count() or 1) // side_by_side)
-        level_flow([(n, c) for n, c in level if n in todo], str(project), retries, threads)
-        record(project, todo)
-        ran += todo
-    logger.info("up to date; ran %d stage(s): %s", len(ran), ", ".join(ran) or "none")
-    return ran
+    with one_run_per_project(project):
+        params_file.update(project / "params.yaml", source=params, overrides=overrides or [])
+        load_params(project / "params.yaml")  # a bad configuration fails here, naming the key
+        return up_to_date(project, retries, runner, workers, dask_address)
 
 
 @flow(name="sweep", log_prints=True)
 def sweep(root: str = ".", archs: list[str] | None = None, weightings: list[str] | None = None,
-          seeds: list[int] | None = None, retries: int = 1, runner: str = "threads",
-          workers: int | None = None, dask_address: str | None = None) -> dict[str, dict]:
+          seeds: list[int] | None = None, name: str = "sweep", in_place: bool = False,
+          retries: int = 1, runner: str = "threads", workers: int | None = None,
+          dask_address: str | None = None) -> dict[str, dict]:
     """Train every arch × weighting as a variant (``sweep-<arch>-<weighting>``) on every seed, in
-    parallel, then compare them all. Grids not given come from params.yaml (``sweep``, ``seeds``);
-    ``seeds`` given here replaces params.yaml's ``seeds``, so the baseline trains on them too.
-    Returns each sweep variant's Δm (mean, std, p, per seed)."""
+    parallel, and compare them with the baseline and the other variants. Grids not given come
+    from params.yaml (``sweep``, ``seeds``); ``seeds`` replaces ``seeds``, so the baseline trains
+    on them too. It runs in the workspace ``.mtl/sweeps/<name>/`` (see ``workspace``) and leaves
+    the project's params.yaml, dvc.lock and outputs alone; ``in_place`` runs it in the project
+    instead. Returns each sweep variant's Δm (mean, std, p, per seed)."""
     project = Path(root).resolve()
-    grid = load_params(project / "params.yaml").sweep
-    points = list(itertools.product(archs or grid.archs, weightings or grid.weightings))
-    variants = {f"sweep-{a}-{w}": {"arch": a, "weighting": w} for a, w in points}
-    params_file.set_variants(project / "params.yaml", variants, prefix="sweep-")
-    pipeline(root=str(project), overrides=[f"seeds={list(seeds)}"] if seeds else None,
-             retries=retries, runner=runner, workers=workers, dask_address=dask_address)
-    from mtl import paths
-    from mtl.io import read_json
-
-    result = read_json(project / paths.COMPARE_JSON)
-    return {name: result[name]["delta_m"] for name in variants}
+    with one_run_per_project(project):
+        grid = load_params(project / "params.yaml").sweep
+        points = itertools.product(archs or grid.archs, weightings or grid.weightings)
+        variants = {f"sweep-{a}-{w}": {"arch": a, "weighting": w} for a, w in points}
+        where = project if in_place else workspace.prepare(project, name)
+        params_file.set_variants(where / "params.yaml", variants, prefix="sweep-")
+        params_file.update(where / "params.yaml", overrides=[f"seeds={list(seeds)}"] if seeds else [])
+        up_to_date(where, retries, runner, workers, dask_address)
+        get_run_logger().info("the comparison: %s", os.path.relpath(where / paths.REPORT, project))
+        result = read_json(where / paths.COMPARE_JSON)
+    return {variant: result[variant]["delta_m"] for variant in variants}

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make serve`: a local Prefect server (SQLite under .prefect/, the embedded default), the
-# `mtl-process` work pool, the deployments of pipelines/prefect.yaml, and a worker.
+# `mtl-process` work pool, the deployments of pipelines/prefect.yaml, the automation of
+# pipelines/automations.yaml (runs whose heartbeats stop end Crashed), and a worker.
 # With PREFECT_API_URL already set, the existing server is used and none is started.
-# `make stop` (pipelines/serve.sh stop) stops what this started.
+# `make stop` (pipelines/serve.sh stop) stops what this started: the worker and the flow runs it
+# started, then the server. Each gets SIGTERM, then SIGKILL after STOP_TIMEOUT seconds (10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
@@ -10,17 +12,50 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1
 run_dir="$PREFECT_HOME/run"
 mkdir -p "$run_dir"
 
-stop() {
-  for name in worker server; do
-    if [ -f "$run_dir/$name.pid" ]; then
-      pid=$(cat "$run_dir/$name.pid")
-      { kill -- "-$pid" || kill "$pid"; } 2>/dev/null && echo "stopped $name" || true
-      rm -f "$run_dir/$name.pid"
-    fi
-  done
+# A process and all its descendants.
+tree() {
+  local child
+  for child in $(pgrep -P "$1"); do tree "$child"; done
+  echo "$1"
 }
 
-if [ "${1:-}" = "stop" ]; then stop; exit 0; fi
+# The process groups of a process and its descendants: flow runs start in sessions of their own,
+# out of the worker's group, and the stage commands they run are in theirs.
+process_groups() { ps -o pgid= -p "$(tree "$1" | paste -sd, -)" | sort -u; }
+
+# Processes of these groups that still run (a zombie has exited; its parent reaps it).
+running() { ps -e -o pgid=,stat= | awk -v groups=" $* " 'index(groups, " " $1 " ") && $2 !~ /^Z/'; }
+
+# SIGTERM to a process and everything under it, then SIGKILL to what still runs after
+# STOP_TIMEOUT seconds. It is paused while its processes are listed, so that it starts no flow
+# run meanwhile, and listed again while it stops (a run it was starting).
+stop_one() {
+  local name=$1 file="$run_dir/$1.pid" pid group groups="" waited=0
+  [ -f "$file" ] || return 0
+  pid=$(cat "$file")
+  if ps -o args= -p "$pid" | grep -q "prefect $name start"; then
+    kill -STOP "$pid"
+    while :; do
+      for group in $(process_groups "$pid"); do
+        case " $groups " in
+          *" $group "*) ;;
+          *) groups="$groups $group"; kill -TERM -- "-$group" 2>/dev/null || true ;;
+        esac
+      done
+      kill -CONT "$pid" 2>/dev/null || true
+      [ -n "$(running $groups)" ] && [ "$waited" -lt "$((${STOP_TIMEOUT:-10} * 5))" ] || break
+      sleep 0.2
+      waited=$((waited + 1))
+    done
+    for group in $(running $groups | awk '{print $1}' | sort -u); do
+      kill -KILL -- "-$group" 2>/dev/null || true
+    done
+    echo "stopped $name"
+  fi
+  rm -f "$file"
+}
+
+if [ "${1:-}" = "stop" ]; then stop_one worker; stop_one server; exit 0; fi
 
 if [ -z "${PREFECT_API_URL:-}" ]; then
   port="${PREFECT_PORT:-4200}"
@@ -32,6 +67,9 @@ fi
 prefect server status --wait --timeout 120 >/dev/null
 prefect work-pool inspect mtl-process >/dev/null 2>&1 || prefect work-pool create mtl-process --type process
 prefect --no-prompt deploy --prefect-file pipelines/prefect.yaml --all
+automation=mtl-pipeline-crash-zombie-runs  # the name in pipelines/automations.yaml
+prefect --no-prompt automation delete "$automation" >/dev/null 2>&1 || true
+prefect automation create --from-file pipelines/automations.yaml
 setsid prefect worker start --pool mtl-process >"$run_dir/worker.log" 2>&1 &
 echo $! >"$run_dir/worker.pid"
 echo "Worker started (log: $run_dir/worker.log). UI: ${PREFECT_API_URL%/api}"

@@ -1,23 +1,44 @@
-"""Prefect flows against a real Prefect server on loopback: the scheduled deployment run by a real
-process worker, skipping up-to-date stages, retries, a sweep, and the Dask task runner."""
+"""Prefect flows against a real Prefect server on loopback, over real DVC and real training.
 
-import asyncio
+Each test works on its own copy of a project that the flow brought up to date once (``template``),
+DVC cache and run-cache included, so that every test passes alone and in any order. The tests of
+deployments start their own server and worker with ``pipelines/serve.sh``."""
+
+import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
+from uuid import UUID
 
+import psutil
 import pytest
 import yaml
-from prefect.client.orchestration import get_client
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipelines.flows import pipeline, sweep
+from mtl.errors import UserError
+from pipelines.flows import pipeline
+from pipelines.stage import StageStopped
 from tests.helpers import env, run
-from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params
+from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params, repro
 
 pytestmark = pytest.mark.slow
+STAGES = {"ingest", "augment", "split", "compare", "report",
+          *(f"{s}@{v}-0" for s in ("train", "evaluate") for v in ("stl", "hps-ew", "hps-static"))}
 
 
 def free_port() -> int:
@@ -30,120 +51,305 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """A real `prefect server start` on 127.0.0.1 with its own SQLite database."""
     home = tmp_path_factory.mktemp("prefect-home")
-    url = f"http://127.0.0.1:{free_port()}/api"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
     server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
-    port = url.split(":")[-1].split("/")[0]
-    process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
+    process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     try:
         subprocess.run(["prefect", "server", "status", "--wait", "--timeout", "180"], env=server_env,
                        check=True, capture_output=True)
-        with temporary_settings({PREFECT_API_URL: url}):
+        with temporary_settings({PREFECT_API_URL: url}), pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PREFECT_API_URL", url)  # for the processes of the process task runner
             yield server_env
+            APILogWorker.drain_all(timeout=5)  # the last logs reach the server before it stops
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = copy_project(tmp_path_factory.mktemp("flow-project"))
+def template(server, tmp_path_factory):
+    """A fresh project (fast training, one seed) that the flow brought up to date, and the stages
+    that flow ran. Tests use copies of it (``project``), never the template itself."""
+    root = copy_project(tmp_path_factory.mktemp("template"))
     edit_params(root, lambda p: (p["train"].update(FAST), p.update(seeds=[0])))
     commit(root, "fast training for tests")
-    return root
+    return root, pipeline(root=str(root))
 
 
-def prefect(server_env: dict, root: Path, *args: str) -> str:
-    result = subprocess.run(["prefect", "--no-prompt", *args], cwd=root, env=server_env,
-                            capture_output=True, text=True, check=False, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+@pytest.fixture
+def project(template, tmp_path):
+    """A copy of the up-to-date template for one test: outputs, dvc.lock and DVC's cache."""
+    return Path(shutil.copytree(template[0], tmp_path / "project", symlinks=True))
 
 
-async def deployment_and_last_run(name: str):
-    async with get_client() as client:
-        deployment = await client.read_deployment_by_name(name)
-        runs = await client.read_flow_runs()
-        runs = [r for r in runs if r.deployment_id == deployment.id]
-        return deployment, runs
+def flow_run(flow, **parameters):
+    """Call a flow; its result (or exception) and the id of its flow run."""
+    state = flow(**parameters, return_state=True)
+    return state.result(raise_on_failure=False), state.state_details.flow_run_id
 
 
-def test_scheduled_deployment_runs_on_a_worker_and_leaves_dvc_clean(server, project):
-    prefect(server, project, "work-pool", "create", "mtl-process", "--type", "process")
-    prefect(server, project, "deploy", "--prefect-file", "pipelines/prefect.yaml", "--all")
-    deployment, _ = asyncio.run(deployment_and_last_run("pipeline/nightly"))
-    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
-    assert deployment.work_pool_name == "mtl-process"
-
-    prefect(server, project, "deployment", "run", "pipeline/nightly")
-    prefect(server, project, "worker", "start", "--pool", "mtl-process", "--run-once")
-    _, runs = asyncio.run(deployment_and_last_run("pipeline/nightly"))
-    manual = [r for r in runs if r.state.is_completed()]
-    assert manual, [r.state for r in runs]
-    assert "up to date" in run(["dvc", "status"], project).stdout
-    assert "Running stage" not in run(["dvc", "repro"], project).stdout
+def task_runs(flow_run_id: UUID) -> dict:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
 
 
-def test_a_second_run_with_nothing_changed_trains_nothing(server, project):
-    pipeline(root=str(project))  # up to date after this, whatever ran before
-    assert pipeline(root=str(project)) == []
+def edit_stage(root: Path, stage: str, cmd: str) -> None:
+    """Replace a stage's command in the project's dvc.yaml."""
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    dvc_yaml["stages"][stage]["cmd"] = cmd
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
 
 
-def test_overrides_run_only_the_changed_variant_and_are_recorded(server, project):
-    params_yaml = project / "params.yaml"
-    params_yaml.write_text("# a user's note\n" + params_yaml.read_text())
-    ran = pipeline(root=str(project), overrides=["variants.hps-static.weights.body_mass=3.0"])
-    assert ran == ["train@hps-static-0", "evaluate@hps-static-0", "compare", "report"]
-    params = yaml.safe_load(params_yaml.read_text())
-    assert params["variants"]["hps-static"]["weights"]["body_mass"] == 3.0
-    assert params_yaml.read_text().startswith("# a user's note\n")  # comments are kept
-    assert "up to date" in run(["dvc", "status"], project).stdout
+def is_clean(root: Path) -> bool:
+    return "up to date" in run(["dvc", "status"], root).stdout
 
 
-def test_a_stage_that_fails_once_is_retried(server, project):
-    dvc_yaml = project / "dvc.yaml"
-    original = dvc_yaml.read_text()
-    flaky = "sh -c 'test -e .failed-once || { touch .failed-once; echo boom >&2; exit 3; }; mtl compare'"
-    dvc_yaml.write_text(original.replace("    cmd: mtl compare", f'    cmd: "{flaky}"'))
-    try:
-        # compare reruns (its cmd changed) and writes the same results, so report stays up to date
-        assert pipeline(root=str(project), retries=1) == ["compare"]
-        assert (project / ".failed-once").exists()
-        assert "up to date" in run(["dvc", "status"], project).stdout
-    finally:
-        dvc_yaml.write_text(original)
+def test_a_fresh_project_runs_every_stage_and_dvc_repro_has_nothing_left(template):
+    root, ran = template
+    assert set(ran) == STAGES and len(ran) == len(STAGES)
+    assert ran.index("train@hps-ew-0") < ran.index("evaluate@hps-ew-0") < ran.index("compare")
+    assert is_clean(root)
+    assert "Running stage" not in run(["dvc", "repro", "--dry"], root).stdout
 
 
-def test_a_failure_names_the_stage_and_its_cause(server, project):
-    dvc_yaml = project / "dvc.yaml"
-    original = dvc_yaml.read_text()
-    dvc_yaml.write_text(original.replace("    cmd: mtl compare", "    cmd: mtl compare --set compare.baseline=nope"))
-    try:
-        with pytest.raises(RuntimeError, match=r"stage compare failed \(exit 2\): error: .*compare.baseline"):
-            pipeline(root=str(project), retries=0)
-    finally:
-        dvc_yaml.write_text(original)
-    assert pipeline(root=str(project)) == ["compare"]
+def test_nothing_changed_runs_nothing(project):
+    ran, flow_run_id = flow_run(pipeline, root=str(project))
+    assert ran == [] and task_runs(flow_run_id) == {}
 
 
-def test_sweep_over_architectures_and_seeds_in_parallel(server, project):
-    result = sweep(root=str(project), archs=["mmoe"], weightings=["ew", "uw"], seeds=[0, 1],
-                   runner="processes")
+def test_each_stage_starts_when_its_own_inputs_are_ready(project):
+    """No level barrier: evaluate@hps-ew-0 starts while train@hps-static-0 (100 epochs, not 4)
+    trains. Only the changed variants run; the overrides are recorded, comments kept."""
+    (project / "params.yaml").write_text("# a user's note\n" + (project / "params.yaml").read_text())
+    ran, flow_run_id = flow_run(pipeline, root=str(project), overrides=[
+        "variants.hps-ew.train.lr=0.01", "variants.hps-static.train.epochs=100"])
+    assert set(ran) == {"train@hps-ew-0", "train@hps-static-0", "evaluate@hps-ew-0",
+                        "evaluate@hps-static-0", "compare", "report"}
+    runs = task_runs(flow_run_id)
+    assert runs["evaluate@hps-ew-0"].start_time < runs["train@hps-static-0"].end_time
+    assert runs["train@hps-static-0"].end_time < runs["evaluate@hps-static-0"].start_time
+    assert runs["evaluate@hps-static-0"].end_time < runs["compare"].start_time
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["variants"]["hps-ew"]["train"] == {"lr": 0.01}
+    assert (project / "params.yaml").read_text().startswith("# a user's note\n")
+    assert is_clean(project)
+
+
+def test_a_run_with_the_same_inputs_is_restored_from_the_run_cache_shared_with_dvc_repro(project):
+    metrics = project / "metrics/variants/hps-ew/seed-0.json"
+    original_params, original_metrics = (project / "params.yaml").read_text(), metrics.read_bytes()
+    edit_params(project, lambda p: p["variants"]["hps-ew"].update(train={"lr": 0.01}))
+    assert "train@hps-ew-0" in repro(project)  # dvc repro runs it and saves it to the run-cache
+    changed_metrics = metrics.read_bytes()
+    assert changed_metrics != original_metrics
+
+    (project / "params.yaml").write_text(original_params)  # reverted: the flow's first run is reused
+    ran, flow_run_id = flow_run(pipeline, root=str(project))
+    assert ran == [] and task_runs(flow_run_id) == {}
+    assert metrics.read_bytes() == original_metrics and is_clean(project)
+
+    ran, _ = flow_run(pipeline, root=str(project), overrides=["variants.hps-ew.train.lr=0.01"])
+    assert ran == []  # dvc repro's run is reused
+    assert metrics.read_bytes() == changed_metrics and is_clean(project)
+
+
+def test_output_reaches_the_log_as_it_is_printed_and_a_failure_names_stage_and_cause(
+        project, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the flow sets it for the stage
+    printer = "import time; print('first line'); time.sleep(3); print('second line')"
+    edit_stage(project, "compare", f'python -c "{printer}" && mtl compare --set compare.baseline=nope')
+    error, flow_run_id = flow_run(pipeline, root=str(project), retries=0)
+    assert isinstance(error, RuntimeError)
+    assert str(error).startswith("stage compare failed (exit 2): error: ")
+    assert "compare.baseline" in str(error)
+    with get_client(sync_client=True) as client:
+        for _ in range(50):  # the logs reach the server in batches
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            printed = {log.message.split(" | ")[-1]: log.timestamp for log in logs if " | " in log.message}
+            if {"first line", "second line"} <= set(printed):
+                break
+            time.sleep(0.2)
+    assert (printed["second line"] - printed["first line"]).total_seconds() > 2
+
+    edit_stage(project, "compare", "mtl compare")  # as before: restored from the run-cache
+    assert pipeline(root=str(project)) == [] and is_clean(project)
+
+
+def test_a_stage_that_fails_once_is_retried(project):
+    flaky = "test -e .failed-once || { touch .failed-once; echo boom >&2; exit 3; }; mtl compare"
+    edit_stage(project, "compare", f"sh -c '{flaky}'")
+    # compare reruns (its cmd changed) and writes the same results, so report stays up to date
+    assert pipeline(root=str(project), retries=1) == ["compare"]
+    assert (project / ".failed-once").exists()
+    assert is_clean(project)
+
+
+def test_a_stage_stopped_by_a_signal_is_not_retried(project):
+    edit_stage(project, "compare", "echo attempt >> attempts.txt; kill -TERM $$")
+    with pytest.raises(StageStopped, match="stage compare stopped by signal 15"):
+        pipeline(root=str(project), retries=2)
+    assert (project / "attempts.txt").read_text() == "attempt\n"
+
+
+def test_an_empty_dvc_lock_is_replaced_by_the_last_good_copy(project):
+    (project / "dvc.lock").write_text("")  # as a kill while DVC rewrites it leaves it
+    assert pipeline(root=str(project)) == []  # report, committed after the copy, is restored
+    assert is_clean(project)
+
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  ingest: {cmd: mtl ingest, outs: [")
+    (project / ".mtl/dvc.lock.good").unlink()
+    with pytest.raises(UserError, match=r"dvc.lock: unreadable \(.*\) and no good copy"):
+        pipeline(root=str(project))
+
+
+def test_a_sweep_leaves_the_project_alone_and_reuses_its_runs(project, server):
+    params, lock = (project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()
+    # In a process of its own with PREFECT_API_URL set, as users run it: the process task runner's
+    # processes report through a thread that does not see this test's temporary settings.
+    script = ("import json, sys; from pipelines.flows import sweep; state = sweep(root=sys.argv[1], "
+              "archs=['mmoe'], weightings=['ew', 'uw'], runner='processes', return_state=True); "
+              "print(json.dumps([str(state.state_details.flow_run_id), state.result()]))")
+    out = subprocess.run([sys.executable, "-c", script, str(project)], env=server, check=True,
+                         capture_output=True, text=True).stdout
+    flow_run_id, result = json.loads(out.splitlines()[-1])
     assert sorted(result) == ["sweep-mmoe-ew", "sweep-mmoe-uw"]
-    for delta in result.values():
-        assert len(delta["per_seed"]) == 2 and delta["per_seed"][0] != delta["per_seed"][1]
-    assert yaml.safe_load((project / "params.yaml").read_text())["seeds"] == [0, 1]
-    assert (project / "metrics/variants/stl/seed-1.json").is_file()  # the baseline on the new seed
-    assert "up to date" in run(["dvc", "status"], project).stdout
+    assert all(delta["mean"] is not None for delta in result.values())
+    # ingest, split and the baseline are restored from the project's run-cache, not run again
+    assert set(task_runs(UUID(flow_run_id))) == {"compare", "report", *(
+        f"{s}@sweep-mmoe-{w}-0" for s in ("train", "evaluate") for w in ("ew", "uw"))}
+    assert "sweep-mmoe-uw" in (project / ".mtl/sweeps/sweep/reports/compare.md").read_text()
+    assert (project / "params.yaml").read_bytes() == params
+    assert (project / "dvc.lock").read_bytes() == lock
+    assert is_clean(project)
 
 
-def test_dask_runner_on_an_existing_cluster(server, project):
+def test_dask_runner_on_an_existing_cluster(project):
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
                       dashboard_address=":0") as cluster:
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
-    assert set(ran) == {"train@hps-ew-0", "train@hps-ew-1", "evaluate@hps-ew-0", "evaluate@hps-ew-1",
-                        "compare", "report"}
+    assert ran == ["train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+
+
+# Deployments on a server and worker that pipelines/serve.sh starts (as `make serve` does).
+
+@contextlib.contextmanager
+def served(root: Path, home: Path):
+    """``pipelines/serve.sh`` in ``root`` with its own PREFECT_HOME and port; ``serve.sh stop`` at
+    the end. Yields the environment of its API, and the client settings point at it."""
+    serve_env = {k: v for k, v in env().items() if k != "PREFECT_API_URL"}
+    serve_env |= {"PREFECT_HOME": str(home), "PREFECT_PORT": str(free_port())}
+    try:
+        subprocess.run(["pipelines/serve.sh"], cwd=root, env=serve_env, check=True,
+                       capture_output=True, text=True, timeout=300)
+        url = f"http://127.0.0.1:{serve_env['PREFECT_PORT']}/api"
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield serve_env | {"PREFECT_API_URL": url}
+    finally:
+        subprocess.run(["pipelines/serve.sh", "stop"], cwd=root, env=serve_env, timeout=120,
+                       check=False)
+
+
+def deployment_run(root: Path, serve_env: dict, name: str, *args: str) -> UUID:
+    out = subprocess.run(["prefect", "--no-prompt", "deployment", "run", name, *args], cwd=root,
+                         env=serve_env, capture_output=True, text=True, check=True).stdout
+    return UUID(out.split("UUID:")[1].split()[0])
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(1)
+    return result
+
+
+def read_flow_run(flow_run_id: UUID):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def started_by(home: Path) -> list[psutil.Process]:
+    """The live processes whose PREFECT_HOME is ``home``: serve.sh and everything it started."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (process.status() != psutil.STATUS_ZOMBIE
+                    and process.environ().get("PREFECT_HOME") == str(home)):
+                found.append(process)
+    return found
+
+
+def a_stage_runs(home: Path) -> bool:
+    """Whether a stage command started under ``home`` runs (its shell: /bin/sh -c "mtl ...")."""
+    for process in started_by(home):
+        with contextlib.suppress(psutil.Error):
+            if any(arg.startswith("mtl ") for arg in process.cmdline()):
+                return True
+    return False
+
+
+def test_the_deployments_of_one_project_queue_instead_of_running_at_once(project, tmp_path):
+    with served(project, tmp_path / "home") as serve_env:
+        with get_client(sync_client=True) as client:
+            nightly = client.read_deployment_by_name("pipeline/nightly")
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+        assert nightly.work_pool_name == "mtl-process"
+        runs = [deployment_run(project, serve_env, "pipeline/nightly", "--param",
+                               'overrides=["variants.hps-ew.train.lr=0.01"]'),
+                deployment_run(project, serve_env, "sweep/sweep")]
+
+        def ended():
+            states = [read_flow_run(r).state for r in runs]
+            return all(s.is_final() for s in states) and states
+
+        states = wait_for(ended, 400, "both runs to end")
+        assert all(s.is_completed() for s in states), states
+        first, second = sorted((task_runs(r) for r in runs),
+                               key=lambda ts: min(t.start_time for t in ts.values()))
+        assert max(t.end_time for t in first.values()) < min(t.start_time for t in second.values())
+    assert is_clean(project)
+    assert "sweep-hps-ew" not in (project / "params.yaml").read_text()
+
+
+def test_a_run_whose_worker_and_process_die_ends_crashed(tmp_path):
+    """A host crash, simulated: SIGKILL for the worker and the flow run's processes at once."""
+    root = copy_project(tmp_path / "project")
+    automation = root / "pipelines/automations.yaml"  # the shortest window above the 30 s heartbeat
+    automation.write_text(automation.read_text().replace("within: 90", "within: 40"))
+    with served(root, tmp_path / "home") as serve_env:
+        flow_run_id = deployment_run(root, serve_env, "pipeline/nightly")
+        with get_client(sync_client=True) as client:
+            wait_for(lambda: client.read_events(EventFilter(
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])), limit=1).events,
+                120, "the run's first heartbeat")
+        worker = psutil.Process(int((tmp_path / "home/run/worker.pid").read_text()))
+        doomed = [worker, *worker.children(recursive=True)]
+        assert any("prefect.engine" in " ".join(p.cmdline()) for p in doomed)
+        for process in doomed:
+            process.kill()
+        killed = time.monotonic()
+        state = wait_for(lambda: (s := read_flow_run(flow_run_id).state).is_final() and s, 120,
+                         "the run to end")
+        assert state.is_crashed(), state
+        assert time.monotonic() - killed < 40 + 30  # the window, plus Prefect's evaluation
+
+
+def test_make_stop_leaves_nothing_that_make_serve_started(tmp_path):
+    root, home = copy_project(tmp_path / "project"), tmp_path / "home"
+    with served(root, home) as serve_env:
+        deployment_run(root, serve_env, "pipeline/nightly")
+        wait_for(lambda: a_stage_runs(home), 120, "a stage of the run to start")
+        started = time.monotonic()
+        out = subprocess.run(["pipelines/serve.sh", "stop"], cwd=root, env=serve_env,
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        assert out.splitlines() == ["stopped worker", "stopped server"]
+        assert time.monotonic() - started < 30
+        assert started_by(home) == []
