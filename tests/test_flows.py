@@ -37,7 +37,7 @@ from tests.helpers import env, run
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params, repro
 
 pytestmark = pytest.mark.slow
-STAGES = {"ingest", "augment", "split", "compare", "report",
+STAGES = {"check", "ingest", "augment", "split", "compare", "report",
           *(f"{s}@{v}-0" for s in ("train", "evaluate") for v in ("stl", "hps-ew", "hps-static"))}
 
 
@@ -127,7 +127,7 @@ def test_each_stage_starts_when_its_own_inputs_are_ready(project):
     (project / "params.yaml").write_text("# a user's note\n" + (project / "params.yaml").read_text())
     ran, flow_run_id = flow_run(pipeline, root=str(project), overrides=[
         "variants.hps-ew.train.lr=0.01", "variants.hps-static.train.epochs=100"])
-    assert set(ran) == {"train@hps-ew-0", "train@hps-static-0", "evaluate@hps-ew-0",
+    assert set(ran) == {"check", "train@hps-ew-0", "train@hps-static-0", "evaluate@hps-ew-0",
                         "evaluate@hps-static-0", "compare", "report"}
     runs = task_runs(flow_run_id)
     assert runs["evaluate@hps-ew-0"].start_time < runs["train@hps-static-0"].end_time
@@ -149,11 +149,11 @@ def test_a_run_with_the_same_inputs_is_restored_from_the_run_cache_shared_with_d
 
     (project / "params.yaml").write_text(original_params)  # reverted: the flow's first run is reused
     ran, flow_run_id = flow_run(pipeline, root=str(project))
-    assert ran == [] and task_runs(flow_run_id) == {}
+    assert ran == ["check"] and set(task_runs(flow_run_id)) == {"check"}  # check has no run-cache
     assert metrics.read_bytes() == original_metrics and is_clean(project)
 
     ran, _ = flow_run(pipeline, root=str(project), overrides=["variants.hps-ew.train.lr=0.01"])
-    assert ran == []  # dvc repro's run is reused
+    assert ran == ["check"]  # dvc repro's run is reused
     assert metrics.read_bytes() == changed_metrics and is_clean(project)
 
 
@@ -219,7 +219,7 @@ def test_a_sweep_leaves_the_project_alone_and_reuses_its_runs(project, server):
     assert sorted(result) == ["sweep-mmoe-ew", "sweep-mmoe-uw"]
     assert all(delta["mean"] is not None for delta in result.values())
     # ingest, split and the baseline are restored from the project's run-cache, not run again
-    assert set(task_runs(UUID(flow_run_id))) == {"compare", "report", *(
+    assert set(task_runs(UUID(flow_run_id))) == {"check", "compare", "report", *(
         f"{s}@sweep-mmoe-{w}-0" for s in ("train", "evaluate") for w in ("ew", "uw"))}
     assert "sweep-mmoe-uw" in (project / ".mtl/sweeps/sweep/reports/compare.md").read_text()
     assert (project / "params.yaml").read_bytes() == params
@@ -234,7 +234,7 @@ def test_dask_runner_on_an_existing_cluster(project):
                       dashboard_address=":0") as cluster:
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
-    assert ran == ["train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+    assert ran == ["check", "train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
 
 
 # Deployments on a server and worker that pipelines/serve.sh starts (as `make serve` does).
