@@ -39,8 +39,12 @@ run: setup  ## check params.yaml, run the whole pipeline (only what changed), pr
 	@cat reports/compare.md
 	@echo "Full report with plots: reports/index.html (Markdown: reports/report.md)"
 
-test: setup-dev  ## run the test suite
-	$(BIN)/python -m pytest -q
+# The tests run in a random order (pytest-randomly), shown in the command make prints:
+# `make test SEED=<that number>` repeats an order.
+SEED ?= $(shell date +%s)
+
+test: setup-dev  ## run the test suite, in a random order
+	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$(SEED)
 
 serve: setup  ## local Prefect server + worker + the deployments of pipelines/prefect.yaml
 	pipelines/serve.sh
