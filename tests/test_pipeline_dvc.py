@@ -142,6 +142,7 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
                     f"{'yes' if (i * 7) % 11 > 5 else 'no'},{i % 17 / 17 + 0.5 * (i % 3):.3f}")
     csv = root / "data/raw/mine.csv"
     csv.write_text("\n".join(rows) + "\n")
+    run(["dvc", "add", "data/raw/mine.csv"], root)  # tracked by DVC, as the README says
     edit_params(root, lambda p: (
         p["data"].update(source="data/raw/*.csv", id_column="id",
                          tasks={"label": {"kind": "binary", "target": "label"},
