@@ -219,6 +219,20 @@ def score_only_on_test_rows() -> list[dict]:
     return [r | {"r": r["r"] if w == "test" else ""} for r, w in zip(records, which)]
 
 
+def with_folds(missing: int | None = None) -> list[dict]:
+    """The good data with a column ``fold`` naming each row's split (none for row ``missing``)."""
+    folds = ["train", "train", "test", "valid"]
+    return [r | {"fold": "" if i == missing else folds[i % 4]} for i, r in enumerate(rows())]
+
+
+def declared(*stages: str, missing: int | None = None, **changes: object) -> Setup:
+    """split.column: fold (values train, valid, test), with other params changes, then the
+    data with folds (``with_folds``) through ``stages``, in this process."""
+    values = {"train": ["train"], "val": ["valid"], "test": ["test"]}
+    return lambda root: [edit({"split.column": "fold", "split.values": values, **changes})(root),
+                         in_process(*stages, records=lambda: with_folds(missing))(root)]
+
+
 def dup_key(section: str, line: str) -> Callable[[str], str]:
     """params.yaml with ``line`` added at the start of ``section`` (a key given twice)."""
     return lambda text: text.replace(f"{section}:\n", f"{section}:\n{line}\n", 1)
@@ -431,6 +445,27 @@ CASES = [
                  id="split-with-empty-train"),
     pytest.param(in_process("ingest", "augment", records=score_only_on_test_rows), ["split"],
                  ["data.tasks.score", "no training row has a label"], id="task-without-training-labels"),
+    # a declared split (split.column)
+    pytest.param(edit({"split.column": "fold"}), ["ingest"], ["split.column", "'fold'", "not in the data"],
+                 id="split-column-not-in-data"),
+    pytest.param(edit({"split.column": "y"}), ["ingest"], ["split.column", "'y'", "target"],
+                 id="split-column-is-a-target"),
+    pytest.param(edit({"split.column": "cat", "data.features": ["a", "cat"]}), ["ingest"],
+                 ["split.column", "'cat'", "data.features"], id="split-column-is-a-feature"),
+    pytest.param(edit({"split.column": "cat", "split.values": {"train": ["p"], "test": ["p", "q"]}}),
+                 ["ingest"], ["split.values", "'p'", "train and test"], id="split-value-in-two-splits"),
+    pytest.param(edit({"split.column": "cat", "split.values": {"train": ["p", "q", "s"]}}), ["ingest"],
+                 ["split.values.test"], id="split-values-without-test"),
+    pytest.param(None, ["split", "--set", "split.column=zz"],
+                 ["split.column", "'zz'", "data/augmented/table.parquet", "re-run ingest"],
+                 id="split-column-added-after-ingest"),
+    pytest.param(declared("ingest", **{"split.values": {"train": ["train"], "test": ["test"]}}), ["augment"],
+                 ["split.column", "'fold'", "'valid'", "does not name"], id="split-column-unknown-value"),
+    pytest.param(declared("ingest", "augment", missing=5, **{"augment.copies": 0}), ["split"],
+                 ["split.column", "'fold'", "without a value"], id="split-column-missing-value"),
+    pytest.param(declared("ingest", "augment"), ["split", "--set", "split.values={train: [train], val: [val], test: [test, valid]}"],
+                 ["split", "no row falls in val", "'fold'", "leave val out of split.values"],
+                 id="split-column-names-no-val-row"),
 ]
 
 

@@ -1,5 +1,6 @@
 """ingest: the raw source (built-in data set, CSV or Parquet path/glob) -> one Parquet table with
 a stable row id, plus a schema record (feature kinds, category vocabularies, label statistics).
+A declared split's column (``split.column``) is carried as text, beside the features and targets.
 
 Categorical and text features and classification targets are stored as strings, numeric
 features and regression targets as float64, multilabel label columns as booleans, image
@@ -42,24 +43,27 @@ def run(params: Params) -> None:
             writer = writer or RowGroupWriter(table_tmp, table.schema)
             writer.write(table)
 
-        schema = ingest(scan, params.data, write)
+        schema = ingest(scan, params.data, write, params.split.column)
         writer.close()
         schema_tmp.write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
     print(f"ingest: {schema['n_rows']} rows, {len(schema['features'])} features, "
           f"{len(schema['tasks'])} tasks -> {paths.INGESTED}")
 
 
-def prepare(table: pa.Table, data: DataConfig) -> tuple[pa.Table, dict]:
+def prepare(table: pa.Table, data: DataConfig,
+            split_column: str | None = None) -> tuple[pa.Table, dict]:
     """The ingested table and its schema record, in memory (what ``run`` writes)."""
     parts: list[pa.Table] = []
-    schema = ingest(Scan.of(table), data, parts.append)
+    schema = ingest(Scan.of(table), data, parts.append, split_column)
     return pa.concat_tables(parts), schema
 
 
-def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> dict:
+def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None],
+           split_column: str | None = None) -> dict:
     """Convert ``scan`` batch by batch, passing each converted batch to ``write``, and return the
-    schema record. Checks that need the whole table run once it has been read, in a fixed order,
-    so the first problem reported does not depend on the batch size."""
+    schema record; ``split_column`` (``split.column``) is kept, as text. Checks that need the
+    whole table run once it has been read, in a fixed order, so the first problem reported does
+    not depend on the batch size."""
     head = 0
     for batch in scan.batches():
         head += batch.num_rows
@@ -76,15 +80,21 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
                 raise UserError(f"data.tasks.{name}.target: column '{column}' is not in the data")
     if data.id_column is not None and data.id_column not in names:
         raise UserError(f"data.id_column: column '{data.id_column}' is not in the data")
+    if split_column is not None and split_column not in names:
+        raise UserError(f"split.column: column '{split_column}' is not in the data")
     for key in ("categorical", "text", "image", "drop"):
         for name in getattr(data, key):
             if name not in names:
                 raise UserError(f"data.{key}: column '{name}' is not in the data")
 
     features = {name: _Column(name, kind, f"data.features: column '{name}'", data, feature=True)
-                for name, kind in feature_kinds(scan.schema, data).items()}
+                for name, kind in feature_kinds(scan.schema, data, split_column).items()}
     ids = _Column(data.id_column, "categorical", f"data.id_column: column '{data.id_column}'", data,
                   counts=False) if data.id_column is not None else None
+    carried: dict[str, _Column] = {}  # the declared split's column
+    if split_column is not None:
+        what = f"split.column: column '{split_column}'"
+        carried[split_column] = _Column(split_column, "categorical", what, data, counts=False)
     targets: dict[str, _Column] = {}
     for name, task in data.tasks.items():
         for c in task.columns:
@@ -99,6 +109,7 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
             columns, unhashable = {paths.ID: None}, unhashable or exc
         columns |= {name: col.add(batch, n_rows) for name, col in features.items()}
         columns |= {c: col.add(batch, n_rows) for c, col in targets.items()}
+        columns |= {c: col.add(batch, n_rows) for c, col in carried.items()}
         for name, task in data.tasks.items():
             if task.kind == "multilabel" and all(columns[c] is not None for c in task.columns):
                 valid = np.stack([columns[c].is_valid().to_numpy(zero_copy_only=False) for c in task.columns])
@@ -113,6 +124,8 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
         raise UserError("data.features: no feature column left")
     if unhashable is not None:
         raise unhashable
+    for col in carried.values():
+        col.check_values()
     if ids is not None:
         ids.check_values()
         if ids.n_missing:
@@ -168,11 +181,12 @@ def check_reserved(names: list[str]) -> None:
                             f"own columns ({', '.join(paths.RESERVED)}); rename it in the data")
 
 
-def feature_kinds(schema: pa.Schema, data: DataConfig) -> dict[str, str | None]:
+def feature_kinds(schema: pa.Schema, data: DataConfig,
+                  split_column: str | None = None) -> dict[str, str | None]:
     """Each feature column and its kind (numeric, categorical, text or image), judged by its
     type; None where the type does not fit (``_Column.check_kind`` says why, in order)."""
     targets = {c for t in data.tasks.values() for c in t.columns}
-    skip = targets | {data.id_column} | set(data.drop) | set(paths.RESERVED)
+    skip = targets | {data.id_column, split_column} | set(data.drop) | set(paths.RESERVED)
     names = data.features if data.features is not None else [c for c in schema.names if c not in skip]
     kinds: dict[str, str | None] = {}
     for name in names:
