@@ -25,6 +25,7 @@ from mtl.config import DataConfig, Params
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers
 from mtl.sources import scan_source
+from mtl.stages.common import as_flags, as_kind
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -245,7 +246,7 @@ class _Column:
         if self.kind is None or self.failed:
             return None
         try:
-            out = _as_flags(column) if self.kind == "flags" else _as(column, self.kind)
+            out = as_flags(column) if self.kind == "flags" else as_kind(column, self.kind)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             self.failed = True
             return None
@@ -386,7 +387,7 @@ def _content_ids(batch: pa.RecordBatch) -> pa.Array:
 def row_ids(table: pa.Table, id_column: str | None) -> pa.ChunkedArray:
     """The stable key of each row: the id column as text, or a hash of the row's content."""
     if id_column is not None:
-        ids = _as(table[id_column], "categorical")  # NaN is missing
+        ids = as_kind(table[id_column], "categorical")  # NaN is missing
         if ids.null_count:
             raise UserError(f"data.id_column: column '{id_column}' has {ids.null_count} missing values")
         return ids
@@ -405,14 +406,6 @@ def _as_key(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.string())
 
 
-def _as(column: pa.Array, kind: str) -> pa.Array:
-    """``column`` as binary (image), float64 (numeric) or strings; NaN in a float column read as
-    categories is a missing value. Raises pyarrow's error when the values do not convert."""
-    if kind == "categorical" and pa.types.is_floating(column.type):
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-    return column.cast({"image": pa.binary(), "numeric": pa.float64()}.get(kind, pa.string()))
-
-
 NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
@@ -425,15 +418,3 @@ def _refuse_numbers_with_text(numbers: list, what: str, share: float, hint: str 
                         f"{'are' if n_bad > 1 else 'is'} not, e.g. '{first}': fix them or "
                         f"leave them empty to mark them missing{hint}")
 
-
-def _as_flags(column: pa.Array) -> pa.Array | str:
-    """A multilabel column as booleans, null where the label is missing; or the first value that
-    is not a label, as text. Raises pyarrow's error when the type does not fit."""
-    if pa.types.is_floating(column.type):
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-    text = pc.utf8_lower(column.cast(pa.string()))
-    ok = pc.or_kleene(pc.is_null(text), pc.is_in(text, pa.array(["0", "1", "false", "true"])))
-    bad = column.filter(pc.invert(ok))
-    if len(bad):
-        return str(bad[0].as_py())
-    return pc.or_(pc.equal(text, "1"), pc.equal(text, "true"))
