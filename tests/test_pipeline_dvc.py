@@ -193,6 +193,9 @@ def test_a_declared_split_is_honoured_and_appended_rows_keep_it(tmp_path):
     for s in paths.SPLITS:
         assert before[s] <= after[s]  # every old row is still in its split
     assert after["test"] - before["test"] == {f"n{i}" for i in range(40) if fold(i) == "test"}
+    edit_params(root, lambda p: p["split"].update(column=None))  # back to the hash split
+    assert repro(root, "split") == {"check", "ingest", "augment", "split"}  # ingest: split.column
+    assert "fold" in json.loads((root / paths.SCHEMA).read_text())["features"]
 
 
 # --- a bad params.yaml never costs an output -------------------------------------------------------
