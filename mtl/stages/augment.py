@@ -25,7 +25,7 @@ from mtl.config import Params
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
-from mtl.stages.split import assign, require_column
+from mtl.stages.split import assign, require_split_column
 
 
 def run(params: Params) -> None:
@@ -33,7 +33,7 @@ def run(params: Params) -> None:
     scan = scan_table(paths.INGESTED)
     schema = read_json(paths.SCHEMA)
     require_columns(scan.schema.empty_table(), paths.INGESTED, params)
-    require_column(scan.schema.names, paths.INGESTED, params.split)
+    require_split_column(scan.schema.names, paths.INGESTED, params.split)
     n_rows = pq.read_metadata(paths.INGESTED).num_rows
     check_schema(schema, scan.schema.names, n_rows)
     n_out = 0

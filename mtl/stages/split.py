@@ -104,7 +104,7 @@ def _declared(column: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.nda
     return np.array([name for _, name in names])[index.to_numpy(zero_copy_only=False)]
 
 
-def require_column(names: list[str], path: Path, config: SplitConfig) -> None:
+def require_split_column(names: list[str], path: Path, config: SplitConfig) -> None:
     """One line when the declared split's column is not among the columns ``names`` of ``path``."""
     if config.column is not None and config.column not in names:
         raise UserError(f"split.column: column '{config.column}' is not in {path} (re-run ingest "
@@ -115,7 +115,7 @@ def run(params: Params) -> None:
     remove_leftovers(*map(paths.split_path, paths.SPLITS))
     scan = scan_table(paths.AUGMENTED)
     require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=True)
-    require_column(scan.schema.names, paths.AUGMENTED, params.split)
+    require_split_column(scan.schema.names, paths.AUGMENTED, params.split)
     targets = [c for task in params.data.tasks.values() for c in task.columns]
     counts = dict.fromkeys(paths.SPLITS, 0)
     labelled = {name: dict.fromkeys(targets, 0) for name in paths.SPLITS}  # rows with a label
