@@ -125,14 +125,30 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
 
 
 @app.command()
-def evaluate(variant: VariantOption, seed: SeedOption = None,
+def evaluate(variant: Annotated[str | None, typer.Option(
+                 "--variant", "-v", help="A variant named in params.yaml (with --input, default: "
+                                         "every variant).")] = None,
+             seed: SeedOption = None,
+             input_: Annotated[Path | None, typer.Option(
+                 "--input", "-i", help="Score this labelled CSV or Parquet file instead of the "
+                                       "test split (with --output).")] = None,
+             output: Annotated[Path | None, typer.Option(
+                 "--output", "-o", help="With --input: the metrics, a .json file (variant -> seed "
+                                        "-> task -> metric).")] = None,
              params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
-    """Test metrics of one variant per seed -> metrics/variants/<variant>/seed-<seed>.json."""
+    """Test metrics of one variant per seed -> metrics/variants/<variant>/seed-<seed>.json; or,
+    with --input FILE --output OUT.json, FILE's metrics for every variant and seed -> OUT.json."""
     with user_errors():
         from mtl.stages import evaluate as stage
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        if input_ is not None or output is not None:
+            stage.score_file(loaded, input_, output, variant, seed)
+            return
+        if variant is None:
+            raise UserError("--variant: missing (name a variant, or score a labelled file with "
+                            "every variant: --input FILE --output OUT.json)")
         for s in seeds_of(loaded, seed):
             with stage_lock(f"evaluate@{variant}-{s}"):
                 stage.run(loaded, variant, s)

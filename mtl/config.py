@@ -147,9 +147,28 @@ class AugmentConfig(Section):
     seed: int = 0
 
 
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _text(value: object) -> object:
+    """An integer or boolean as ingest writes it as text (1 -> '1', true -> 'true')."""
+    return str(value).lower() if isinstance(value, (bool, int)) else value
+
+
 class SplitConfig(Section):
+    column: str | None = None
+    """A column of the data that names each row's split (a declared split, see ``values``);
+    ``null`` = the hash split, by ``val`` and ``test``."""
+    values: dict[Literal[SPLIT_NAMES], list[str]] = {  # type: ignore[valid-type]
+        "train": ["train"], "val": ["val"], "test": ["test"]}
+    """With ``column``: the column's values that put a row in each split (integers and booleans
+    compare as text: 1 is '1', true is 'true'). Without a ``val`` entry, val takes ``val`` of
+    the declared train rows by hash."""
     val: float = Field(0.15, ge=0, lt=1)
+    """Hash split: the share of rows in val. Declared split: the share of train rows drawn into
+    val when ``values`` has no ``val`` entry (otherwise unused)."""
     test: float = Field(0.15, gt=0, lt=1)
+    """Hash split: the share of rows in test (unused with ``column``)."""
     salt: str = "mtl"
     """Part of the hash: change it to draw a different (still stable) split."""
     hash: Literal["blake2b", "splitmix64"] = "blake2b"
@@ -157,10 +176,31 @@ class SplitConfig(Section):
     a vectorised SplitMix64 (about 0.1 µs, for tables of millions of rows). Changing it moves
     rows between splits."""
 
+    @field_validator("values", mode="before")
+    @classmethod
+    def _as_text(cls, values: object) -> object:
+        if not isinstance(values, dict):
+            return values
+        return {name: [_text(v) for v in listed] if isinstance(listed, list) else listed
+                for name, listed in values.items()}
+
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
-        if self.val + self.test >= 1:
-            raise ValueError("split: val + test must be below 1, leaving rows to train on")
+        if self.column is None:
+            if self.val + self.test >= 1:
+                raise ValueError("split: val + test must be below 1, leaving rows to train on")
+            return self
+        if self.column in RESERVED:
+            raise ValueError(f"split.column: '{self.column}' is a reserved column name")
+        seen: dict[str, str] = {}
+        for name in ("train", "test"):
+            if not self.values.get(name):
+                raise ValueError(f"split.values.{name}: needs at least one value of split.column")
+        for name, values in self.values.items():
+            for value in values:
+                if seen.setdefault(value, name) != name:
+                    raise ValueError(f"split.values: '{value}' is listed under both "
+                                     f"{seen[value]} and {name}")
         return self
 
 
@@ -321,6 +361,7 @@ class Params(Section):
             self.variant_train(name)  # validates the overrides
         if self.compare.baseline not in self.variants:
             raise ValueError(f"compare.baseline: '{self.compare.baseline}' is not a variant")
+        _check_split_column(self.data, self.split.column)
         task = self.augment.interpolate_task
         if task is not None and (task not in tasks or self.data.tasks[task].kind not in ("binary", "multiclass")):
             raise ValueError(f"augment.interpolate_task: '{task}' is not a binary or multiclass task")
@@ -335,6 +376,18 @@ class Params(Section):
             return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
         except ValidationError as exc:
             raise ValueError(describe_error(exc, prefix=f"variants.{name}.train")) from None
+
+
+def _check_split_column(data: DataConfig, column: str | None) -> None:
+    """The split column is carried beside the features and targets: it may be neither."""
+    if column is None:
+        return
+    if column in [c for t in data.tasks.values() for c in t.columns]:
+        raise ValueError(f"split.column: '{column}' is a task's target")
+    for key in ("features", "categorical", "text", "image"):
+        if column in (getattr(data, key) or []):
+            raise ValueError(f"split.column: '{column}' is listed in data.{key}; the split column "
+                             "is never a feature")
 
 
 def _check_options(where: str, method: str, registry: dict, options: dict) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -217,6 +218,20 @@ def score_only_on_test_rows() -> list[dict]:
     records = rows()
     which = split.assign(pa.chunked_array([[r["id"] for r in records]]), SplitConfig(**PARAMS["split"]))
     return [r | {"r": r["r"] if w == "test" else ""} for r, w in zip(records, which)]
+
+
+def with_folds(missing: int | None = None) -> list[dict]:
+    """The good data with a column ``fold`` naming each row's split (none for row ``missing``)."""
+    folds = ["train", "train", "test", "valid"]
+    return [r | {"fold": "" if i == missing else folds[i % 4]} for i, r in enumerate(rows())]
+
+
+def declared(*stages: str, missing: int | None = None, **changes: object) -> Setup:
+    """split.column: fold (values train, valid, test), with other params changes, then the
+    data with folds (``with_folds``) through ``stages``, in this process."""
+    values = {"train": ["train"], "val": ["valid"], "test": ["test"]}
+    return lambda root: [edit({"split.column": "fold", "split.values": values, **changes})(root),
+                         in_process(*stages, records=lambda: with_folds(missing))(root)]
 
 
 def dup_key(section: str, line: str) -> Callable[[str], str]:
@@ -431,6 +446,27 @@ CASES = [
                  id="split-with-empty-train"),
     pytest.param(in_process("ingest", "augment", records=score_only_on_test_rows), ["split"],
                  ["data.tasks.score", "no training row has a label"], id="task-without-training-labels"),
+    # a declared split (split.column)
+    pytest.param(edit({"split.column": "fold"}), ["ingest"], ["split.column", "'fold'", "not in the data"],
+                 id="split-column-not-in-data"),
+    pytest.param(edit({"split.column": "y"}), ["ingest"], ["split.column", "'y'", "target"],
+                 id="split-column-is-a-target"),
+    pytest.param(edit({"split.column": "cat", "data.features": ["a", "cat"]}), ["ingest"],
+                 ["split.column", "'cat'", "data.features"], id="split-column-is-a-feature"),
+    pytest.param(edit({"split.column": "cat", "split.values": {"train": ["p"], "test": ["p", "q"]}}),
+                 ["ingest"], ["split.values", "'p'", "train and test"], id="split-value-in-two-splits"),
+    pytest.param(edit({"split.column": "cat", "split.values": {"train": ["p", "q", "s"]}}), ["ingest"],
+                 ["split.values.test"], id="split-values-without-test"),
+    pytest.param(None, ["split", "--set", "split.column=zz"],
+                 ["split.column", "'zz'", "data/augmented/table.parquet", "re-run ingest"],
+                 id="split-column-added-after-ingest"),
+    pytest.param(declared("ingest", **{"split.values": {"train": ["train"], "test": ["test"]}}), ["augment"],
+                 ["split.column", "'fold'", "'valid'", "does not name"], id="split-column-unknown-value"),
+    pytest.param(declared("ingest", "augment", missing=5, **{"augment.copies": 0}), ["split"],
+                 ["split.column", "'fold'", "without a value"], id="split-column-missing-value"),
+    pytest.param(declared("ingest", "augment"), ["split", "--set", "split.values={train: [train], val: [val], test: [test, valid]}"],
+                 ["split", "no row falls in val", "'fold'", "leave val out of split.values"],
+                 id="split-column-names-no-val-row"),
 ]
 
 
@@ -571,6 +607,17 @@ def column_as(relative: str, column: str, values: Callable[[int], object]) -> Se
         t.schema.get_field_index(column), column, pa.array([values(i) for i in range(t.num_rows)])))
 
 
+def held_out(drop: str | None = None, **values: str) -> Setup:
+    """``held.csv``, a labelled file to score with ``evaluate --input``: the good raw data with
+    some cells ``changed``, without column ``drop``."""
+    def setup(root: Path) -> None:
+        table = pacsv.read_csv(pa.py_buffer(changed(**values).encode()))
+        pacsv.write_csv(table.drop_columns([drop] if drop else []), root / "held.csv")
+    return setup
+
+
+SCORE = ["evaluate", "--input", "held.csv", "--output", "m.json"]
+
 TRAINED_CASES = [
     pytest.param(None, ["train", "--variant", "nope"], ["--variant", "'nope'"], id="train-unknown-variant"),
     pytest.param(None, ["train", "--variant", "hps", "--seed", "7"], ["--seed", "7"], id="train-seed-not-in-seeds"),
@@ -607,6 +654,27 @@ TRAINED_CASES = [
     pytest.param(remove(METRICS), ["compare"], [METRICS, "not found"], id="compare-before-evaluate"),
     pytest.param(write(METRICS, "{not json"), ["compare"], [METRICS, "not valid JSON"], id="metrics-not-json"),
     pytest.param(write(METRICS, '{"label": 3}'), ["compare"], [METRICS], id="metrics-of-another-shape"),
+    # evaluate --input FILE --output OUT.json
+    pytest.param(None, ["evaluate"], ["--variant", "missing", "--input FILE"], id="evaluate-without-variant"),
+    pytest.param(None, ["evaluate", "--input", "data/split/test.parquet"], ["--output", "go together"],
+                 id="evaluate-input-without-output"),
+    pytest.param(None, ["evaluate", "-i", "data/split/test.parquet", "-o", "m.csv"], ["--output", "'m.csv'", ".json"],
+                 id="evaluate-output-not-json"),
+    pytest.param(write("notes.txt", "x"), ["evaluate", "-i", "data/split/test.parquet", "-o", "notes.txt/m.json"],
+                 ["notes.txt", "cannot be written"], id="evaluate-output-under-a-file"),
+    pytest.param(None, SCORE, ["held.csv", "file not found"], id="evaluate-input-missing"),
+    pytest.param(held_out(drop="r"), SCORE, ["held.csv", "target column 'r'", "task 'score'", "missing"],
+                 id="evaluate-input-without-a-target"),
+    pytest.param(held_out(drop="a"), SCORE, ["held.csv", "feature column 'a'", "missing"],
+                 id="evaluate-input-without-a-feature"),
+    pytest.param(held_out(y_3="v"), SCORE, ["held.csv", "'y'", "'v'", "not a class of task 'label'"],
+                 id="evaluate-input-unknown-class"),
+    pytest.param(held_out(r_3="lots"), SCORE, ["held.csv", "'r'", "task 'score'", "numbers"],
+                 id="evaluate-input-text-in-regression-target"),
+    pytest.param(held_out(), ["evaluate", "--variant", "nope", *SCORE[1:]], ["--variant", "'nope'"],
+                 id="evaluate-input-unknown-variant"),
+    pytest.param(lambda root: [held_out()(root), edit({"seeds": [0, 1]})(root)], SCORE,
+                 ["models/hps/seed-1/model.pt", "not found"], id="evaluate-input-seed-without-model"),
     # --seed that is not a number
     *(pytest.param(None, [command, "--variant", "hps", "--seed", "x", *more],
                    [f"mtl {command}: Invalid value for '--seed'", "integer"],

@@ -6,6 +6,7 @@ import pytest
 
 from mtl import paths
 from mtl.config import SplitConfig, load_params
+from mtl.errors import UserError
 from mtl.io import read_table, write_table
 from mtl.sources import read_source
 from mtl.stages import augment, ingest, split
@@ -90,3 +91,80 @@ def test_split_stage_writes_original_rows_only_to_val_and_test(tmp_path, monkeyp
         assert not parts[name][paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False).any()
     ids = [set(parts[n][paths.SOURCE_ID].to_pylist()) for n in paths.SPLITS]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+# -- a declared split (split.column) -----------------------------------------------------------------
+
+def declared_config(**values) -> SplitConfig:
+    return SplitConfig(column="fold", values=values or {"train": ["train"], "val": ["valid", "dev"],
+                                                          "test": ["test"]}, val=0.2, salt="s")
+
+
+def test_a_declared_split_is_honoured_and_stable_when_rows_are_appended():
+    rng = np.random.default_rng(0)
+    folds = rng.choice(["train", "valid", "dev", "test"], 2500)
+    keys = pa.chunked_array([pa.array([f"row{i}" for i in range(2500)])])
+    which = split.assign(keys, declared_config(), pa.chunked_array([pa.array(folds)]))
+    expected = np.select([folds == "train", folds == "test"], ["train", "test"], "val")
+    assert (which == expected).all()  # the column, not the hash: split.val and split.test unused
+    before = split.assign(keys[:2000], declared_config(), pa.chunked_array([pa.array(folds[:2000])]))
+    assert (before == which[:2000]).all()  # appending rows moves no old row
+
+
+def test_without_declared_val_rows_val_is_drawn_from_the_train_rows_by_hash():
+    config = declared_config(train=["train"], test=["test"])
+    folds = np.array(["train", "test"] * 2000)
+    keys = pa.chunked_array([pa.array([f"row{i}" for i in range(4000)])])
+    which = split.assign(keys, config, pa.chunked_array([pa.array(folds)]))
+    assert (which[folds == "test"] == "test").all()  # a declared test row never moves
+    assert float((which[folds == "train"] == "val").mean()) == pytest.approx(0.2, abs=0.03)
+    assert ((which == "val") == ((split.unit(keys, config) < 0.2) & (folds == "train"))).all()
+    appended = split.assign(keys[:3000], config, pa.chunked_array([pa.array(folds[:3000])]))
+    assert (appended == which[:3000]).all()
+
+
+@pytest.mark.parametrize(("fold", "message"), [
+    (None, "split.column: column 'fold' has a row without a value"),
+    ("validation", ("split.column: column 'fold' holds 'validation', which split.values does not "
+                    "name (train: train; val: valid, dev; test: test)")),
+])
+def test_a_row_without_a_declared_split_or_with_an_unknown_one_is_an_error(fold, message):
+    keys = pa.chunked_array([pa.array(["a", "b", "c", "d"])])
+    folds = pa.chunked_array([pa.array(["train", fold, "other", "test"])])
+    with pytest.raises(UserError) as caught:
+        split.assign(keys, declared_config(), folds)
+    assert str(caught.value).startswith(message)  # the first bad row, not 'other'
+
+
+@pytest.fixture(scope="module")
+def by_year():
+    """Penguins split by year, as a frozen split: 2007 train, 2008 val, 2009 test."""
+    params = load_params(REPO / "params.yaml", ["split.column=year",
+                                                 "split.values={train: [2007], val: [2008], test: [2009]}"])
+    return params, *ingest.prepare(read_source("penguins"), params.data, params.split.column)
+
+
+def test_ingest_carries_the_split_column_and_never_as_a_feature(by_year):
+    params, table, schema = by_year
+    assert "year" not in schema["features"] and "year" in table.column_names
+    assert set(table["year"].to_pylist()) == {"2007", "2008", "2009"}
+    _, hashed_schema = ingest.prepare(read_source("penguins"), params.data)
+    assert "year" in hashed_schema["features"]  # without split.column it is a feature
+
+
+def test_augment_and_split_follow_the_declared_column(tmp_path, monkeypatch, by_year):
+    params, table, schema = by_year
+    out = augment.augment(table, schema, params)
+    flag = out[paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False)
+    n_2007 = table["year"].to_pylist().count("2007")
+    assert flag.sum() == params.augment.copies * n_2007  # copies of declared train rows only
+    assert set(out["year"].filter(pa.array(flag)).to_pylist()) == {"2007"}
+    monkeypatch.chdir(tmp_path)
+    write_table(out, paths.AUGMENTED)
+    split.run(params)
+    parts = {name: read_table(paths.split_path(name)) for name in paths.SPLITS}
+    assert {name: set(p["year"].to_pylist()) for name, p in parts.items()} == {
+        "train": {"2007"}, "val": {"2008"}, "test": {"2009"}}
+    assert parts["train"].num_rows == n_2007 + flag.sum()
+    for name in ("val", "test"):
+        assert not any(parts[name][paths.AUGMENTED_FLAG].to_pylist())

@@ -160,6 +160,45 @@ def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
         assert before[s] <= after  # every old row is still in its split
 
 
+def split_ids(root: Path) -> dict[str, set[str]]:
+    """The ids of the original rows in each split."""
+    tables = {s: pq.read_table(root / paths.split_path(s)) for s in paths.SPLITS}
+    return {s: {i for i, aug in zip(t["_id"].to_pylist(), t["_augmented"].to_pylist()) if not aug}
+            for s, t in tables.items()}
+
+
+def test_a_declared_split_is_honoured_and_appended_rows_keep_it(tmp_path):
+    """split.column: a CSV whose column `fold` names each row's split, as an official train/test
+    split does (no val rows: val is drawn from the train rows by hash); rows appended later land
+    where their fold says, and every old row stays where it was."""
+    root = copy_project(tmp_path)
+    fold = lambda i: "test" if i % 4 == 0 else "train"
+    csv = root / "data/raw/bench.csv"
+    csv.write_text("id,fold,x,label\n" + "".join(
+        f"r{i},{fold(i)},{i % 13 / 13:.3f},{'yes' if i % 3 else 'no'}\n" for i in range(200)))
+    edit_params(root, lambda p: (
+        p["data"].update(source="data/raw/*.csv", id_column="id",
+                         tasks={"label": {"kind": "binary", "target": "label"}}),
+        p["split"].update(column="fold", values={"train": ["train"], "test": ["test"]}, val=0.2),
+        p["variants"].pop("hps-static")))
+    commit(root, "a declared split")
+    assert repro(root, "split") == {"check", "ingest", "augment", "split"}
+    before = split_ids(root)
+    assert before["test"] == {f"r{i}" for i in range(200) if fold(i) == "test"}
+    assert before["val"] and len(before["val"] | before["train"]) == 150  # val: from train rows
+    assert "fold" not in json.loads((root / paths.SCHEMA).read_text())["features"]
+    with csv.open("a") as f:
+        f.writelines(f"n{i},{fold(i)},0.5,yes\n" for i in range(40))
+    assert repro(root, "split") == {"ingest", "augment", "split"}
+    after = split_ids(root)
+    for s in paths.SPLITS:
+        assert before[s] <= after[s]  # every old row is still in its split
+    assert after["test"] - before["test"] == {f"n{i}" for i in range(40) if fold(i) == "test"}
+    edit_params(root, lambda p: p["split"].update(column=None))  # back to the hash split
+    assert repro(root, "split") == {"check", "ingest", "augment", "split"}  # ingest: split.column
+    assert "fold" in json.loads((root / paths.SCHEMA).read_text())["features"]
+
+
 # --- a bad params.yaml never costs an output -------------------------------------------------------
 
 def outputs(root: Path) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """augment: the ingested table -> the same rows plus augmented copies of training rows.
 
-Only rows that ``split`` will put in train are copied (their split is known from their key), and
-interpolation partners are drawn from training rows of the same class, so nothing of a
-validation or test row leaks into training. Each copy records its source row's id.
+Only rows that ``split`` will put in train are copied (``split.assign`` of their key, or of their
+value of ``split.column``, which each copy keeps, so it lands in train too), and interpolation
+partners are drawn from training rows of the same class, so nothing of a validation or test row
+leaks into training. Each copy records its source row's id.
 
 A copy gets Gaussian noise on its numeric features (``noise`` × the feature's std); a share
 ``interpolate`` of the copies first moves towards a partner row: x + λ (x_partner − x),
@@ -24,7 +25,7 @@ from mtl.config import Params
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
-from mtl.stages.split import assign
+from mtl.stages.split import assign, require_split_column
 
 
 def run(params: Params) -> None:
@@ -32,6 +33,7 @@ def run(params: Params) -> None:
     scan = scan_table(paths.INGESTED)
     schema = read_json(paths.SCHEMA)
     require_columns(scan.schema.empty_table(), paths.INGESTED, params)
+    require_split_column(scan.schema.names, paths.INGESTED, params.split)
     n_rows = pq.read_metadata(paths.INGESTED).num_rows
     check_schema(schema, scan.schema.names, n_rows)
     n_out = 0
@@ -68,8 +70,9 @@ def _with_source(table: pa.Table, augmented: bool) -> pa.Table:
 def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
     """The original rows, batch by batch, then each augmented copy of the training rows.
 
-    Only the numeric features and regression targets (and the ids and classes) of the whole
-    table are held in memory, to draw partners; nothing at all when ``augment.copies`` is 0."""
+    Only the numeric features and regression targets (and the ids, classes and declared splits)
+    of the whole table are held in memory, to draw partners; nothing at all when
+    ``augment.copies`` is 0."""
     for batch in scan.batches():
         yield _with_source(pa.Table.from_batches([batch]), False)
     cfg = params.augment
@@ -77,9 +80,12 @@ def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
         return
     numeric = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
     regression = [t.target for t in params.data.tasks.values() if t.kind == "regression"]
-    kept = [paths.ID, *numeric, *regression, *(t.target for t in params.data.tasks.values() if t.kind != "multilabel")]
+    column = params.split.column
+    labels = [t.target for t in params.data.tasks.values() if t.kind != "multilabel"]
+    kept = [paths.ID, *numeric, *regression, *labels, *([column] if column else [])]
     table = pa.Table.from_batches([b.select(list(dict.fromkeys(kept))) for b in scan.batches()])
-    train_rows = np.flatnonzero(assign(table[paths.ID], params.split) == "train")
+    declared = table[column] if column else None
+    train_rows = np.flatnonzero(assign(table[paths.ID], params.split, declared) == "train")
     if len(train_rows) == 0:
         return
     classes = _class_of(table, params)

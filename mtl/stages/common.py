@@ -1,12 +1,14 @@
-"""What several stages share: the checks made before anything is written, and the seeds a
-command runs. (Loading a trained model is ``mtl.stages.trained``: the data stages do not import
-the engine, so that a change there does not re-run them.)"""
+"""What several stages share: the checks made before anything is written, the conversion of
+a column to the type ingest writes, and the seeds a command runs. (Loading a trained model is
+``mtl.stages.trained``: the data stages do not import the engine, so that a change there does
+not re-run them.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mtl import paths
 from mtl.config import Params
@@ -26,6 +28,28 @@ def require_columns(table: pa.Table | pa.Schema, path: Path, params: Params,
     for column in paths.RESERVED if reserved else (paths.ID,):
         if column not in names:
             raise UserError(f"{path}: column '{column}' is missing (written by an older or other tool?)")
+
+
+def as_kind(column: pa.Array, kind: str) -> pa.Array:
+    """``column`` as ingest writes a column of that kind: binary (image), float64 (numeric) or
+    strings; NaN in a float column read as categories is a missing value. Raises pyarrow's
+    error when the values do not convert."""
+    if kind == "categorical" and pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column.cast({"image": pa.binary(), "numeric": pa.float64()}.get(kind, pa.string()))
+
+
+def as_flags(column: pa.Array) -> pa.Array | str:
+    """A multilabel column as booleans, null where the label is missing; or the first value that
+    is not a label, as text. Raises pyarrow's error when the type does not fit."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    text = pc.utf8_lower(column.cast(pa.string()))
+    ok = pc.or_kleene(pc.is_null(text), pc.is_in(text, pa.array(["0", "1", "false", "true"])))
+    bad = column.filter(pc.invert(ok))
+    if len(bad):
+        return str(bad[0].as_py())
+    return pc.or_(pc.equal(text, "1"), pc.equal(text, "true"))
 
 
 # The Arrow type ingest writes for each kind of feature and of task.

@@ -1,5 +1,6 @@
 """ingest: the raw source (built-in data set, CSV or Parquet path/glob) -> one Parquet table with
 a stable row id, plus a schema record (feature kinds, category vocabularies, label statistics).
+A declared split's column (``split.column``) is carried as text, beside the features and targets.
 
 Categorical and text features and classification targets are stored as strings, numeric
 features and regression targets as float64, multilabel label columns as booleans, image
@@ -24,6 +25,7 @@ from mtl.config import DataConfig, Params
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers
 from mtl.sources import scan_source
+from mtl.stages.common import as_flags, as_kind
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -42,24 +44,27 @@ def run(params: Params) -> None:
             writer = writer or RowGroupWriter(table_tmp, table.schema)
             writer.write(table)
 
-        schema = ingest(scan, params.data, write)
+        schema = ingest(scan, params.data, write, params.split.column)
         writer.close()
         schema_tmp.write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
     print(f"ingest: {schema['n_rows']} rows, {len(schema['features'])} features, "
           f"{len(schema['tasks'])} tasks -> {paths.INGESTED}")
 
 
-def prepare(table: pa.Table, data: DataConfig) -> tuple[pa.Table, dict]:
+def prepare(table: pa.Table, data: DataConfig,
+            split_column: str | None = None) -> tuple[pa.Table, dict]:
     """The ingested table and its schema record, in memory (what ``run`` writes)."""
     parts: list[pa.Table] = []
-    schema = ingest(Scan.of(table), data, parts.append)
+    schema = ingest(Scan.of(table), data, parts.append, split_column)
     return pa.concat_tables(parts), schema
 
 
-def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> dict:
+def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None],
+           split_column: str | None = None) -> dict:
     """Convert ``scan`` batch by batch, passing each converted batch to ``write``, and return the
-    schema record. Checks that need the whole table run once it has been read, in a fixed order,
-    so the first problem reported does not depend on the batch size."""
+    schema record; ``split_column`` (``split.column``) is kept, as text. Checks that need the
+    whole table run once it has been read, in a fixed order, so the first problem reported does
+    not depend on the batch size."""
     head = 0
     for batch in scan.batches():
         head += batch.num_rows
@@ -76,15 +81,21 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
                 raise UserError(f"data.tasks.{name}.target: column '{column}' is not in the data")
     if data.id_column is not None and data.id_column not in names:
         raise UserError(f"data.id_column: column '{data.id_column}' is not in the data")
+    if split_column is not None and split_column not in names:
+        raise UserError(f"split.column: column '{split_column}' is not in the data")
     for key in ("categorical", "text", "image", "drop"):
         for name in getattr(data, key):
             if name not in names:
                 raise UserError(f"data.{key}: column '{name}' is not in the data")
 
     features = {name: _Column(name, kind, f"data.features: column '{name}'", data, feature=True)
-                for name, kind in feature_kinds(scan.schema, data).items()}
+                for name, kind in feature_kinds(scan.schema, data, split_column).items()}
     ids = _Column(data.id_column, "categorical", f"data.id_column: column '{data.id_column}'", data,
                   counts=False) if data.id_column is not None else None
+    carried: dict[str, _Column] = {}  # the declared split's column
+    if split_column is not None:
+        what = f"split.column: column '{split_column}'"
+        carried[split_column] = _Column(split_column, "categorical", what, data, counts=False)
     targets: dict[str, _Column] = {}
     for name, task in data.tasks.items():
         for c in task.columns:
@@ -99,6 +110,7 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
             columns, unhashable = {paths.ID: None}, unhashable or exc
         columns |= {name: col.add(batch, n_rows) for name, col in features.items()}
         columns |= {c: col.add(batch, n_rows) for c, col in targets.items()}
+        columns |= {c: col.add(batch, n_rows) for c, col in carried.items()}
         for name, task in data.tasks.items():
             if task.kind == "multilabel" and all(columns[c] is not None for c in task.columns):
                 valid = np.stack([columns[c].is_valid().to_numpy(zero_copy_only=False) for c in task.columns])
@@ -113,6 +125,8 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None]) -> d
         raise UserError("data.features: no feature column left")
     if unhashable is not None:
         raise unhashable
+    for col in carried.values():
+        col.check_values()
     if ids is not None:
         ids.check_values()
         if ids.n_missing:
@@ -168,11 +182,12 @@ def check_reserved(names: list[str]) -> None:
                             f"own columns ({', '.join(paths.RESERVED)}); rename it in the data")
 
 
-def feature_kinds(schema: pa.Schema, data: DataConfig) -> dict[str, str | None]:
+def feature_kinds(schema: pa.Schema, data: DataConfig,
+                  split_column: str | None = None) -> dict[str, str | None]:
     """Each feature column and its kind (numeric, categorical, text or image), judged by its
     type; None where the type does not fit (``_Column.check_kind`` says why, in order)."""
     targets = {c for t in data.tasks.values() for c in t.columns}
-    skip = targets | {data.id_column} | set(data.drop) | set(paths.RESERVED)
+    skip = targets | {data.id_column, split_column} | set(data.drop) | set(paths.RESERVED)
     names = data.features if data.features is not None else [c for c in schema.names if c not in skip]
     kinds: dict[str, str | None] = {}
     for name in names:
@@ -231,7 +246,7 @@ class _Column:
         if self.kind is None or self.failed:
             return None
         try:
-            out = _as_flags(column) if self.kind == "flags" else _as(column, self.kind)
+            out = as_flags(column) if self.kind == "flags" else as_kind(column, self.kind)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             self.failed = True
             return None
@@ -372,7 +387,7 @@ def _content_ids(batch: pa.RecordBatch) -> pa.Array:
 def row_ids(table: pa.Table, id_column: str | None) -> pa.ChunkedArray:
     """The stable key of each row: the id column as text, or a hash of the row's content."""
     if id_column is not None:
-        ids = _as(table[id_column], "categorical")  # NaN is missing
+        ids = as_kind(table[id_column], "categorical")  # NaN is missing
         if ids.null_count:
             raise UserError(f"data.id_column: column '{id_column}' has {ids.null_count} missing values")
         return ids
@@ -391,14 +406,6 @@ def _as_key(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(pa.string())
 
 
-def _as(column: pa.Array, kind: str) -> pa.Array:
-    """``column`` as binary (image), float64 (numeric) or strings; NaN in a float column read as
-    categories is a missing value. Raises pyarrow's error when the values do not convert."""
-    if kind == "categorical" and pa.types.is_floating(column.type):
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-    return column.cast({"image": pa.binary(), "numeric": pa.float64()}.get(kind, pa.string()))
-
-
 NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
@@ -411,15 +418,3 @@ def _refuse_numbers_with_text(numbers: list, what: str, share: float, hint: str 
                         f"{'are' if n_bad > 1 else 'is'} not, e.g. '{first}': fix them or "
                         f"leave them empty to mark them missing{hint}")
 
-
-def _as_flags(column: pa.Array) -> pa.Array | str:
-    """A multilabel column as booleans, null where the label is missing; or the first value that
-    is not a label, as text. Raises pyarrow's error when the type does not fit."""
-    if pa.types.is_floating(column.type):
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-    text = pc.utf8_lower(column.cast(pa.string()))
-    ok = pc.or_kleene(pc.is_null(text), pc.is_in(text, pa.array(["0", "1", "false", "true"])))
-    bad = column.filter(pc.invert(ok))
-    if len(bad):
-        return str(bad[0].as_py())
-    return pc.or_(pc.equal(text, "1"), pc.equal(text, "true"))

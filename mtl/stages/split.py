@@ -1,14 +1,17 @@
 """split: the augmented table -> train/val/test Parquet files, streamed batch by batch.
 
-A row's split is a function of its source row's stable key alone (a salted hash mapped to
-[0, 1)), so appending rows to the raw data never moves an existing row, and every augmented copy
-lands in its source's split. Validation and test keep original rows only.
+A row's split is a function of its source row alone: by default of its stable key (a salted
+hash mapped to [0, 1)); with ``split.column``, of the value that column declares (a frozen or
+official split), val optionally drawn by hash from the declared train rows. So appending rows to
+the raw data never moves an existing row, and every augmented copy (which carries its source's
+key and declared value) lands in its source's split. Validation and test keep original rows only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -65,16 +68,54 @@ def splitmix64_unit(keys: pa.Array | pa.ChunkedArray, salt: str) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def assign(keys: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
-    """The split name of each key: test below ``test``, val below ``test + val``, else train."""
-    u = (splitmix64_unit if config.hash == "splitmix64" else blake2b_unit)(keys, config.salt)
-    return np.where(u < config.test, "test", np.where(u < config.test + config.val, "val", "train"))
+def assign(keys: pa.Array | pa.ChunkedArray, config: SplitConfig,
+           declared: pa.Array | pa.ChunkedArray | None = None) -> np.ndarray:
+    """The split name of each row. Hash split: test where the key's number is below ``test``,
+    val below ``test + val``, else train. Declared split (``config.column``, whose values are
+    ``declared``): the split that ``config.values`` names for the row's value; without a ``val``
+    entry there, a declared train row goes to val where its key's number is below ``val``."""
+    if config.column is None:
+        u = unit(keys, config)
+        return np.where(u < config.test, "test", np.where(u < config.test + config.val, "val", "train"))
+    which = _declared(declared, config)
+    if "val" not in config.values and config.val > 0:
+        which = np.where((which == "train") & (unit(keys, config) < config.val), "val", which)
+    return which
+
+
+def unit(keys: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
+    """Each key's number in [0, 1) by ``config.hash`` and ``config.salt``."""
+    return (splitmix64_unit if config.hash == "splitmix64" else blake2b_unit)(keys, config.salt)
+
+
+def _declared(column: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.ndarray:
+    """The split that ``config.values`` names for each value of ``column``; one line naming the
+    column and the value when a row has none, or one that ``config.values`` does not list."""
+    names = [(value, name) for name, values in config.values.items() for value in values]
+    index = pc.index_in(column, value_set=pa.array([value for value, _ in names], pa.string()))
+    if index.null_count:
+        first = column.filter(pc.is_null(index))[0].as_py()  # the first bad row, in row order
+        listed = "; ".join(f"{name}: {', '.join(values)}" for name, values in config.values.items())
+        if first is None:
+            raise UserError(f"split.column: column '{config.column}' has a row without a value; "
+                            f"give every row its split ({listed})")
+        raise UserError(f"split.column: column '{config.column}' holds '{first}', which "
+                        f"split.values does not name ({listed})")
+    return np.array([name for _, name in names])[index.to_numpy(zero_copy_only=False)]
+
+
+def require_split_column(names: list[str], path: Path, config: SplitConfig) -> None:
+    """One line when the declared split's column is not among the columns ``names`` of ``path``."""
+    if config.column is not None and config.column not in names:
+        raise UserError(f"split.column: column '{config.column}' is not in {path} (re-run ingest "
+                        "after changing split.column)")
 
 
 def run(params: Params) -> None:
     remove_leftovers(*map(paths.split_path, paths.SPLITS))
     scan = scan_table(paths.AUGMENTED)
     require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=True)
+    require_split_column(scan.schema.names, paths.AUGMENTED, params.split)
     targets = [c for task in params.data.tasks.values() for c in task.columns]
     counts = dict.fromkeys(paths.SPLITS, 0)
     labelled = {name: dict.fromkeys(targets, 0) for name in paths.SPLITS}  # rows with a label
@@ -84,7 +125,8 @@ def run(params: Params) -> None:
     with atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps:
         writers = {name: RowGroupWriter(tmp, scan.schema) for name, tmp in zip(paths.SPLITS, tmps)}
         for batch in scan.batches():
-            which = assign(batch.column(paths.SOURCE_ID), params.split)
+            declared = batch.column(params.split.column) if params.split.column else None
+            which = assign(batch.column(paths.SOURCE_ID), params.split, declared)
             augmented = batch.column(paths.AUGMENTED_FLAG).to_numpy(zero_copy_only=False)
             n_aug += int(augmented.sum())
             for name, writer in writers.items():
@@ -106,7 +148,13 @@ def check(counts: dict[str, int], labelled: dict[str, dict[str, int]], classes: 
     """Fail when a split that later stages need is empty or a task has no labelled training row;
     warn (stderr) about classes that only validation or test rows have."""
     sizes = ", ".join(f"{name} {n}" for name, n in counts.items())
-    for name in ("train", "test", "val") if params.split.val > 0 else ("train", "test"):
+    config = params.split
+    for name in ("train", "test", "val") if config.val > 0 else ("train", "test"):
+        if counts[name] == 0 and config.column is not None and name in config.values:
+            hint = ("; or leave val out of split.values to draw split.val of the train rows"
+                    if name == "val" else "")
+            raise UserError(f"split: no row falls in {name} ({sizes} rows): no row of column "
+                            f"'{config.column}' holds {' or '.join(config.values[name])}{hint}")
         if counts[name] == 0:
             raise UserError(f"split: no row falls in {name} ({sizes} rows); add rows or change "
                             "split.val and split.test")

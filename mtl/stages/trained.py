@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mtl import paths
 from mtl.config import Params
 from mtl.engine.checkpoint import Bundle, NotOurs
 from mtl.engine.encoders import Preprocessor
+from mtl.engine.tasks import Task
 from mtl.errors import UserError
-from mtl.stages.common import check_types, require_columns, seeds_of
+from mtl.stages.common import as_flags, as_kind, check_types, require_columns, seeds_of
 
 
 def model_kinds(bundle: Bundle) -> dict[str, str]:
@@ -66,3 +68,43 @@ def check_labelled(table: pa.Table, path: Path, params: Params, bundle: Bundle) 
     require_columns(table, path, params)
     check_features(table, path, bundle.preprocessor)
     check_types(table.schema, path, model_kinds(bundle))
+
+
+def as_labelled(table: pa.Table, path: Path, bundle: Bundle) -> pa.Table:
+    """``table``, a labelled file a user brings, with its target columns converted as ingest
+    converts them (a class as text, a value as a float, a label as a boolean); one line naming
+    ``path`` and the column when a feature or target column is missing or does not convert, or
+    a target holds a class the model does not know."""
+    check_features(table, path, bundle.preprocessor)
+    for task in bundle.tasks:
+        for name in task.columns:
+            if name not in table.column_names:
+                raise UserError(f"{path}: target column '{name}' of task '{task.name}' is missing")
+            column = _target(table[name], path, name, task)
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
+def _target(column: pa.ChunkedArray, path: Path, name: str, task: Task) -> pa.ChunkedArray:
+    """One target column of ``task`` converted, or one line saying why it does not convert."""
+    if task.kind == "multilabel":
+        flags = as_flags(column)
+        if isinstance(flags, str):
+            raise UserError(f"{path}: column '{name}' holds {flags}; a multilabel column holds "
+                            "0/1, true/false or nothing")
+        return flags
+    regression = task.kind == "regression"
+    try:
+        column = as_kind(column, "numeric" if regression else "categorical")
+    except pa.ArrowException:
+        what = "numbers" if regression else "class labels"
+        raise UserError(f"{path}: column '{name}' of task '{task.name}' must hold {what} (it "
+                        f"holds {column.type})") from None
+    if not regression:
+        classes = pa.array(task.classes, pa.string())
+        known = pc.or_kleene(pc.is_null(column), pc.is_in(column, classes))
+        unknown = column.filter(pc.invert(known))
+        if len(unknown):
+            raise UserError(f"{path}: column '{name}' holds '{unknown[0].as_py()}', not a class of "
+                            f"task '{task.name}' (classes: {', '.join(task.classes)})")
+    return column
