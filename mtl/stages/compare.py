@@ -41,7 +41,6 @@ from mtl.engine import HIGHER_IS_BETTER
 from mtl.errors import UserError
 from mtl.io import read_json, remove_leftovers, write_json, write_text
 
-
 PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "mae"}
 
 
