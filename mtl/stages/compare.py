@@ -9,12 +9,12 @@ with B the baseline's metric and h = 1 where lower is better, so a positive Δm 
 single-task learning. Which metrics M_t of a task it averages is ``compare.delta_m``:
 
 - ``primary`` (default): one threshold-free metric per task kind (``PRIMARY``): AUROC for
-  binary, multiclass and multilabel tasks, MAE for regression. Accuracy and F1 at the 0.5
-  threshold move with the class balance and the calibration of the threshold, not only with how
-  well the model ranks; on a task with few positives they can fall while AUROC holds, and
-  averaging them in would count one ranking three times, two of them through a threshold
-  nobody tuned. MAE rather than RMSE: in the target's units and not dominated by a few outliers.
-- ``all``: every metric of the task (the averaging of Maninis et al.).
+  binary, multiclass and multilabel tasks, MAE for regression. Accuracy and F1 are taken at a
+  0.5 threshold that nobody tuned, so they move with the class balance and with where the
+  scores sit, not only with how well the model ranks. On a task with few positives they can
+  fall while AUROC holds, and counted in Δm they then outweigh it two to one. MAE rather than
+  RMSE: in the target's units and less dominated by a few outliers.
+- ``all``: every metric of the task, as Maninis et al. average.
 
 Either way, metrics in ``compare.exclude`` (R² by default) and metrics whose baseline is 0 or
 missing are left out, and a task with no metric left is left out of T. The table shows every
