@@ -294,6 +294,9 @@ class Variant(Section):
 class CompareConfig(Section):
     baseline: str = "stl"
     """The variant every other is measured against (Δm); normally the single-task models."""
+    delta_m: Literal["primary", "all"] = "primary"
+    """The metrics Δm averages per task: ``primary``, one threshold-free metric per task kind
+    (AUROC for classification, MAE for regression), or ``all`` of them."""
     exclude: list[str] = ["r2"]
     """Metrics left out of Δm (R² has no stable relative change near 0)."""
     alpha: float = Field(0.05, gt=0, lt=1)

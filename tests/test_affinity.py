@@ -23,7 +23,7 @@ from mtl import paths
 from mtl.cli import app
 from mtl.engine import weighting
 from mtl.engine.affinity import AffinityProbe, gradient_cosines, lookahead_affinity
-from mtl.engine.affinity_summary import describe, mean_over_runs
+from mtl.engine.affinity_summary import describe, grouping, mean_over_runs
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor, TabularPreprocessor
 from mtl.engine.tasks import Task
@@ -179,33 +179,78 @@ def test_mean_over_runs_averages_the_measured_entries():
 
 # --- describe -------------------------------------------------------------------------------------
 
+def seeds_of(summary: dict, shifts=(0.0, 0.01, -0.01)) -> list[dict]:
+    """``summary`` as measured by several seeds: each off-diagonal affinity shifted by a shift."""
+    return [summary | {"lookahead": [[v if i == j or v is None else v + shift for j, v in enumerate(row)]
+                                     for i, row in enumerate(summary["lookahead"])]}
+            for shift in shifts]
+
+
 def test_describe_names_the_conflicts_and_proposes_splitting_them_off():
     # a and b help each other; c is hurt by both and hurts both.
     summary = {"tasks": ["a", "b", "c"], "epochs": 10,
                "cosine": [[1, 0.6, -0.3], [0.6, 1, -0.2], [-0.3, -0.2, 1]],
                "lookahead": [[0.3, 0.2, -0.1], [0.2, 0.3, -0.1], [-0.05, -0.05, 0.2]]}
-    lines = describe(summary)
+    lines = describe(seeds_of(summary), alpha=0.05)
     assert lines[0].startswith("a and c conflict: their gradients on the shared layers point apart "
                                "(cosine -0.30); a step for a raises the loss of c (affinity -0.1")
     assert lines[1].startswith("b and c conflict")
-    assert lines[2] == "a and b help each other most (mean affinity 0.2, gradient cosine 0.60)."
+    assert lines[2] == ("a and b help each other most (mean affinity 0.2, 66.7% of what a step for "
+                        "each does to its own loss; gradient cosine 0.60).")
     # split: a and b each get 0.2 from the other, c alone 0 -> 0.133; together: a and b get
-    # (0.2 - 0.05) / 2 = 0.075 each, c gets -0.1 -> 0.0167
-    assert lines[3] == ("Grouping to try: {a, b} and {c} as two networks (score 0.133, against "
-                        "0.0167 for all tasks in one network).")
+    # (0.2 - 0.05) / 2 = 0.075 each, c gets -0.1 -> 0.0167; the gain, 0.117, is 43.8% of the mean
+    # self-affinity 0.267. Shifting every off-diagonal entry by s moves it by -s / 3 (p = 2.7e-4).
+    assert lines[3] == ("Grouping to try: {a, b} and {c} as two networks (score 0.133 against 0.0167 "
+                        "for one network; the split gains +43.8% of a task's own step; p = 0.00027 "
+                        "over 3 seeds).")
     assert len(lines) == 4
 
 
 def test_describe_keeps_tasks_that_help_each_other_together():
     summary = {"tasks": ["a", "b", "c"], "epochs": 3,
                "cosine": [[1, 0.5, 0.1], [0.5, 1, 0.2], [0.1, 0.2, 1]],
-               "lookahead": [[0.3, 0.1, 0.05], [0.1, 0.3, 0.02], [0.04, None, 0.2]]}
-    lines = describe(summary)
+               "lookahead": [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1], [0.04, None, 0.2]]}
+    lines = describe(seeds_of(summary), alpha=0.05)
     assert lines[0] == "No pair of tasks conflicts: no mean gradient cosine or affinity is negative."
     assert lines[1].startswith("a and b help each other most")
-    assert lines[2].startswith("Keep all tasks in one network")
-    assert describe({"tasks": ["a"], "cosine": [[1]], "lookahead": [[0.1]], "epochs": 1}) == [
+    # one network: a gets (0.1 + 0.04) / 2, b 0.1, c 0.1 -> 0.09; the best split, {a, b} and {c}:
+    # 0.0667; the gain -0.0233 is -8.75% of the mean self-affinity 0.267
+    assert lines[2] == ("One network for all tasks scores best: better than the best split, {a, b} "
+                        "and {c} (score 0.0667 against 0.09 for one network; the split gains -8.8% "
+                        "of a task's own step; p = 0.0067 over 3 seeds).")
+    assert describe([{"tasks": ["a"], "cosine": [[1]], "lookahead": [[0.1]], "epochs": 1}], 0.05) == [
         "Task relatedness needs at least two tasks with measured affinities."]
+
+
+TINY = {"tasks": ["a", "b", "c"], "epochs": 10, "cosine": [[1, 0.1, 0.05], [0.1, 1, 0.02], [0.05, 0.02, 1]],
+        "lookahead": [[1e-3, 3e-5, 3e-5], [3e-5, 1e-3, 3e-5], [1e-5, 1e-5, 1e-3]]}
+
+
+@pytest.mark.parametrize("runs,why", [
+    # consistent over the seeds (p < 0.05) but tiny: the split loses 0.33% of a task's own step
+    (seeds_of(TINY, (0.0, 1e-7, -1e-7)), "the split gains -0.3% of a task's own step; p = 3.3e-05 over 3 seeds"),
+    # large but of changing sign: a gain within noise
+    (seeds_of(TINY, (0.0, 4e-3, -3e-3)), "p = 0.88 over 3 seeds"),
+    ([TINY], "fewer than 2 seeds, so nothing can be said about noise"),
+], ids=["tiny", "noisy", "one-seed"])
+def test_describe_calls_tiny_or_noisy_affinities_inconclusive(runs, why):
+    last = describe(runs, alpha=0.05)[-1]
+    assert last.startswith("Inconclusive: the seeds do not bear out a choice between the best split "
+                           "into two networks, {a, b} and {c}, and one network for all tasks")
+    assert why in last and last.endswith("These affinities support no grouping.")
+
+
+def test_grouping_gains_are_in_units_of_a_task_own_step_per_seed():
+    found = grouping(seeds_of(TINY, (0.0, 1e-7, -1e-7)), alpha=0.05)
+    # {a, b} and {c}: a and b get 3e-5 from each other, c alone 0 -> 2e-5; one network: a and b
+    # get (3e-5 + 1e-5) / 2, c gets 3e-5 -> 2.33e-5; the gain -3.3e-6 is -0.33% of 1e-3, and a
+    # shift s of the off-diagonal entries moves it by -s / 3
+    assert found.split == [[0, 1], [2]]
+    assert (found.score_split, found.score_one) == pytest.approx((2e-5, 7e-5 / 3))
+    assert found.gains == pytest.approx([-1 / 300, -1 / 300 - 1e-4 / 3, -1 / 300 + 1e-4 / 3])
+    assert found.p < 0.05 and not found.conclusive  # distinguishable from 0, but negligible
+    assert grouping([TINY, TINY], alpha=0.05).p == 0.0  # the same non-zero gain twice: certain
+    assert grouping([TINY], alpha=0.05).p is None
 
 
 # --- the train stage ------------------------------------------------------------------------------
@@ -242,7 +287,7 @@ def test_train_writes_the_affinity_matrices_and_logs_them_per_epoch(project):
     assert len(tsv) == 12 and "lookahead/sex/body_mass.tsv" in tsv
     assert "cosine/sex/sex.tsv" not in tsv
     assert len((series / "lookahead" / "sex" / "body_mass.tsv").read_text().splitlines()) == 1 + EPOCHS
-    assert describe(summary)  # plain sentences for the real matrices
+    assert describe([summary], alpha=0.05)  # plain sentences for the real matrices
     assert not (project / paths.model_dir("stl", 0) / "affinity.json").exists()
 
 

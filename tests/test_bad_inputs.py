@@ -334,6 +334,8 @@ CASES = [
                  id="variant-train-unknown-key"),
     pytest.param(edit({"compare.baseline": "nope"}), ["ingest"], ["compare.baseline", "nope"],
                  id="unknown-baseline"),
+    pytest.param(edit({"compare.delta_m": "best"}), ["ingest"], ["compare.delta_m", "primary", "all"],
+                 id="unknown-delta-m"),
     pytest.param(edit({"sweep.weightings": ["ew", "magic"]}), ["ingest"], ["sweep", "magic"],
                  id="sweep-unknown-weighting"),
     # --set overrides

@@ -14,6 +14,9 @@ from tests.helpers import REPO
 BASE = {"cls": {"accuracy": 0.8, "auroc": 0.9}, "reg": {"mae": 2.0, "r2": 0.5}}
 
 
+ALL_BUT_R2 = {"cls": ["accuracy", "auroc"], "reg": ["mae"]}
+
+
 @pytest.mark.parametrize("variant,expected", [
     (BASE, 0.0),
     # cls: +10% accuracy, 0% auroc -> +5%; reg: mae 2.0 -> 1.8 is 10% better -> +10%; mean 7.5%
@@ -22,20 +25,40 @@ BASE = {"cls": {"accuracy": 0.8, "auroc": 0.9}, "reg": {"mae": 2.0, "r2": 0.5}}
     ({"cls": {"accuracy": 0.8, "auroc": 0.9}, "reg": {"mae": 2.2, "r2": 0.5}}, -5.0),
 ])
 def test_delta_m_known_values(variant, expected):
-    assert compare.delta_m(variant, BASE, exclude=["r2"]) == pytest.approx(expected)
+    assert compare.delta_m(variant, BASE, ALL_BUT_R2) == pytest.approx(expected)
 
 
 def test_delta_m_counts_each_task_once_whatever_its_number_of_metrics():
     base = {"a": {"accuracy": 0.5, "f1_macro": 0.5, "auroc": 0.5}, "b": {"mae": 1.0}}
     variant = {"a": {"accuracy": 0.6, "f1_macro": 0.6, "auroc": 0.6}, "b": {"mae": 1.0}}
-    assert compare.delta_m(variant, base) == pytest.approx(10.0)  # (20% + 0%) / 2 tasks
+    used = {"a": ["accuracy", "f1_macro", "auroc"], "b": ["mae"]}
+    assert compare.delta_m(variant, base, used) == pytest.approx(10.0)  # (20% + 0%) / 2 tasks
 
 
-def test_delta_m_skips_excluded_metrics_and_zero_baselines():
+def test_delta_m_averages_only_the_metrics_used_and_skips_zero_baselines():
     base = {"a": {"accuracy": 0.0, "r2": 0.1}, "b": {"mae": 1.0}}
     variant = {"a": {"accuracy": 0.5, "r2": 0.9}, "b": {"mae": 0.5}}
-    assert compare.delta_m(variant, base, exclude=["r2"]) == pytest.approx(50.0)
-    assert compare.delta_m(variant, base) == pytest.approx((800.0 + 50.0) / 2)
+    assert compare.delta_m(variant, base, {"a": ["accuracy"], "b": ["mae"]}) == pytest.approx(50.0)
+    assert compare.delta_m(variant, base, {"a": ["accuracy", "r2"], "b": ["mae"]}) == pytest.approx(
+        (800.0 + 50.0) / 2)
+    assert compare.delta_m(variant, base, {"b": ["mae"]}) == pytest.approx(50.0)  # a: no metric
+
+
+PENGUIN_METRICS = {"species": ["accuracy", "f1_macro", "auroc"], "sex": ["accuracy", "f1_macro", "auroc"],
+                   "body_mass": ["mae", "rmse", "r2"]}
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], {"species": ["auroc"], "sex": ["auroc"], "body_mass": ["mae"]}),  # the default: primary
+    (["compare.delta_m=all"], {"species": ["accuracy", "f1_macro", "auroc"],
+                               "sex": ["accuracy", "f1_macro", "auroc"], "body_mass": ["mae", "rmse"]}),
+    (["compare.delta_m=all", "compare.exclude=[r2, f1_macro]"],
+     {"species": ["accuracy", "auroc"], "sex": ["accuracy", "auroc"], "body_mass": ["mae", "rmse"]}),
+    (["compare.exclude=[mae]"], {"species": ["auroc"], "sex": ["auroc"], "body_mass": []}),
+])
+def test_delta_m_metrics_primary_per_task_kind_or_all_less_excluded(overrides, expected):
+    params = load_params(REPO / "params.yaml", overrides)
+    assert compare.delta_m_metrics(params, PENGUIN_METRICS) == expected
 
 
 @pytest.mark.parametrize("a,b,expected", [
@@ -78,7 +101,7 @@ def write_metrics(params, change) -> None:
 
 def test_compare_stage_writes_json_and_report_over_seeds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]"])
+    params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]", "compare.delta_m=all"])
     wobble = {0: -0.01, 1: 0.0, 2: 0.01}  # seed noise on sex accuracy, the same for every variant
 
     def change(variant, seed, metrics):
@@ -125,3 +148,36 @@ def test_compare_names_the_missing_seed(tmp_path, monkeypatch):
     paths.variant_metrics("hps-ew", 1).unlink()
     with pytest.raises(UserError, match=r"hps-ew/seed-1.json: file not found .*--seed 1"):
         compare.run(params)
+
+
+def test_delta_m_on_a_rare_class_counts_auroc_not_the_threshold_metrics(tmp_path, monkeypatch):
+    """A binary task with few positives: hps-ew ranks as well as stl (AUROC within noise) but
+    predicts fewer positives at 0.5, so accuracy and F1 fall. By default (primary) Δm counts AUROC
+    and says 'within noise'; with ``compare.delta_m: all`` the threshold metrics make it
+    significantly worse. compare.md names the metrics Δm counts."""
+    monkeypatch.chdir(tmp_path)
+    wobble = {0: -0.001, 1: 0.0, 2: 0.001}
+
+    def change(variant, seed, metrics):
+        metrics["sex"] = {"accuracy": 0.94, "f1_macro": 0.70, "auroc": 0.85 + wobble[seed]}
+        if variant == "hps-ew":
+            metrics["sex"] |= {"accuracy": 0.93 + wobble[seed], "f1_macro": 0.55 + wobble[seed],
+                               "auroc": 0.85 - wobble[seed]}
+
+    results = {}
+    for mode in ("primary", "all"):
+        params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]", f"compare.delta_m={mode}"])
+        write_metrics(params, change)
+        compare.run(params)
+        results[mode] = json.loads(paths.COMPARE_JSON.read_text())["hps-ew"]["delta_m"]
+        report = paths.REPORT.read_text()
+        if mode == "primary":
+            assert "Δm counts species auroc, sex auroc, body_mass mae (`compare.delta_m: primary`" in report
+        else:
+            assert ("Δm counts species accuracy and f1_macro and auroc, sex accuracy and f1_macro "
+                    "and auroc, body_mass mae and rmse (`compare.delta_m: all`") in report
+    assert results["primary"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert results["primary"]["within_noise"] is True
+    # sex: accuracy -1.06%, f1 -21.4%, auroc 0% -> -7.5% over its 3 metrics, / 3 tasks = -2.5%
+    assert results["all"]["mean"] == pytest.approx(100 * (-0.01 / 0.94 - 0.15 / 0.70) / 3 / 3, abs=1e-3)
+    assert results["all"]["within_noise"] is False

@@ -12,10 +12,12 @@ from matplotlib.image import imread
 
 from mtl import paths
 from mtl.config import load_params
-from mtl.engine.affinity_summary import describe, mean_over_runs
+from mtl.engine.affinity_summary import describe, grouping
 from mtl.io import write_json
 from mtl.stages import compare, report
+from mtl.stages.verdict import verdict
 from tests.helpers import REPO, run
+from tests.test_affinity import seeds_of
 
 VARIANTS = ("stl", "hps-ew", "hps-uw")
 SEEDS = (0, 1)
@@ -52,7 +54,8 @@ def project(tmp_path, monkeypatch):
     accuracy, mae = {"stl": 0.90, "hps-ew": 0.92, "hps-uw": 0.94}, {"stl": 300, "hps-ew": 310, "hps-uw": 280}
     for variant in VARIANTS:
         for seed in SEEDS:
-            write_json({"species": {"accuracy": accuracy[variant] + 0.01 * seed, "f1_macro": 0.8},
+            write_json({"species": {"accuracy": accuracy[variant] + 0.01 * seed, "f1_macro": 0.8,
+                                    "auroc": accuracy[variant] + 0.01 * seed},
                         "body_mass": {"mae": mae[variant] + seed, "rmse": 400.0, "r2": 0.8}},
                        paths.variant_metrics(variant, seed))
             epochs = range(4 + seed)  # seeds that stopped at different epochs
@@ -82,7 +85,7 @@ def test_report_writes_png_plots_and_pages_that_link_them(project):
     assert "<table>" in page and "<td><code>hps-uw</code></td>" in page
     assert "| `hps-uw` |" in markdown  # the comparison table, as compare wrote it
     assert "better on one): `hps-uw`." in markdown  # best on both tasks: the only one not dominated
-    sentences = describe(mean_over_runs([affinity(0.0), affinity(0.1)]))
+    sentences = describe([affinity(0.0), affinity(0.1)], alpha=0.05)
     assert any("conflict" in s for s in sentences)
     for sentence in sentences:
         assert html.escape(sentence, quote=False) in page and f"- {sentence}" in markdown
@@ -135,3 +138,79 @@ def test_relative_change_is_positive_when_better():
     assert report.relative(table, "mtl", "t", "mae", "stl") == pytest.approx((10.0, 5.0))  # lower mae
     assert report.relative(table, "mtl", "t", "accuracy", "stl") == pytest.approx((-10.0, 10.0))
     assert report.relative(table, "stl", "t", "accuracy", "stl") == pytest.approx((0.0, 0.0))
+
+
+def section(markdown: str, title: str) -> str:
+    return markdown.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_report_verdict_on_tiny_affinities_and_negative_delta_m(project):
+    """Every sharing variant significantly worse than stl, affinities of 1e-5 whose sign changes
+    with the seed: the verdict says sharing hurt and names the best variant measured; the affinity
+    sections call the affinities inconclusive and recommend no grouping."""
+    params = load_params(Path("params.yaml"))
+    auroc, mae = {"stl": 0.95, "hps-ew": 0.90, "hps-uw": 0.93}, {"stl": 300, "hps-ew": 330, "hps-uw": 320}
+    for variant in VARIANTS:
+        for seed in SEEDS:
+            write_json({"species": {"accuracy": 0.9, "f1_macro": 0.8, "auroc": auroc[variant] + 0.002 * seed},
+                        "body_mass": {"mae": mae[variant] + seed, "rmse": 400.0, "r2": 0.8}},
+                       paths.variant_metrics(variant, seed))
+            if variant != "stl":
+                tiny = 1e-5 * (1 if seed else -1)
+                write_json({"tasks": list(TASKS), "cosine": [[1.0, 0.01], [0.01, 1.0]],
+                            "lookahead": [[1e-3, tiny], [2 * tiny, 2e-3]], "epochs": 3},
+                           paths.model_dir(variant, seed) / "affinity.json")
+    compare.run(params)
+    report.run(params)
+    markdown = (project / paths.FULL_REPORT).read_text()
+    advice = section(markdown, "Verdict").strip().split("\n\n")  # one paragraph each
+    assert advice[0].startswith("Sharing hurt here: every variant is worse than `stl` beyond noise, "
+                                "the best measured, `hps-uw`, too (Δm -4.")
+    assert advice[0].endswith(" Keep `stl`.")
+    assert advice[1] == ("The task affinity of `hps-ew`, `hps-uw` is inconclusive and suggests no "
+                         "grouping (see Task affinity).")
+    affinity = section(markdown, "Task affinity")
+    assert affinity.count("- Inconclusive: the seeds do not bear out a choice") == 2
+    for claim in ("Keep all tasks in one network", "Grouping to try", "One network for all tasks"):
+        assert claim not in markdown
+
+
+PLANTED = {"tasks": ["a", "b", "c"], "epochs": 10,  # a and b help each other, c conflicts with both
+           "cosine": [[1, 0.6, -0.3], [0.6, 1, -0.2], [-0.3, -0.2, 1]],
+           "lookahead": [[0.3, 0.2, -0.1], [0.2, 0.3, -0.1], [-0.05, -0.05, 0.2]]}
+
+
+def delta(mean: float, p: float | None, within: bool | None) -> dict:
+    return {"delta_m": {"mean": mean, "std": None if p is None else 0.5, "p": p, "within_noise": within},
+            "tasks": {}}
+
+
+def test_verdict_puts_a_clear_grouping_as_a_hypothesis_next_to_what_was_measured():
+    table = {"stl": delta(0.0, 1.0, True), "hps-ew": delta(-0.4, 0.3, True),
+             "mmoe-ew": delta(-2.0, 0.01, False)}
+    found = grouping(seeds_of(PLANTED), alpha=0.05)
+    assert found.conclusive
+    lines = verdict(table, "stl", {"hps-ew": (found, PLANTED["tasks"]), "mmoe-ew": (None, PLANTED["tasks"])})
+    assert lines == [
+        ("No variant beats `stl` beyond noise: the best measured is `hps-ew` (Δm -0.40 ± 0.50 %, "
+        "p = 0.3, within noise). `mmoe-ew` is worse beyond noise. Sharing showed no gain here: keep "
+        "`stl`, the simpler model, unless more seeds show one."),
+        ("A hypothesis to test, from `hps-ew`'s task affinity: {a, b} and {c} as two networks (the "
+        "split gains +43.8% of a task's own step, p = 0.00027). No variant trains that grouping, so "
+        "the measurements above stand until one does: train each group as its own project and "
+        "compare."),
+        "The task affinity of `mmoe-ew` is inconclusive and suggests no grouping (see Task affinity)."]
+
+
+@pytest.mark.parametrize("table,expected", [
+    ({"stl": delta(0.0, 1.0, True), "hps-ew": delta(1.5, 0.01, False), "hps-uw": delta(2.5, 0.001, False),
+      "mmoe-ew": delta(-1.0, 0.02, False)},
+     ("`hps-uw` beats `stl` beyond noise (Δm +2.50 ± 0.50 %, p = 0.001) and is the best variant "
+     "measured: use it. `hps-ew` also beat it.")),
+    ({"stl": delta(0.0, None, None), "hps-ew": delta(0.3, None, None), "hps-uw": delta(-0.2, None, None)},
+     ("No difference from `stl` can be told from noise with one seed; the best mean Δm is `hps-ew`'s "
+     "(Δm +0.30 %). Train on several `seeds` before choosing.")),
+    ({"stl": delta(0.0, 1.0, True)}, "Only `stl` has a Δm: nothing was measured against it."),
+], ids=["better", "one-seed", "baseline-only"])
+def test_verdict_follows_the_measured_delta_m(table, expected):
+    assert verdict(table, "stl", {}) == [expected]

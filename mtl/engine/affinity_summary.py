@@ -1,17 +1,31 @@
 """Task-affinity summaries without torch: averaging the matrices ``AffinityProbe`` records
 over runs, and describing them in words (groupings as in Fifty et al. 2021, "Efficiently
 Identifying Task Groupings for Multi-Task Learning"). The report stage needs only these, so it
-does not import torch."""
+does not import torch.
+
+Unlike the paper, which measures at every step of one long run, the matrices here are a few
+batches an epoch over a few seeds, and affinities on tables are often tiny (1e-5 where a task's
+own step gives 1e-3). So a grouping is proposed only when the seeds bear it out (``Grouping``):
+its gain is distinguishable from 0 by a t-test over the seeds, as ``compare`` tests Δm, and at
+least ``NEGLIGIBLE`` of a task's own step, below which the transfer between tasks is too small
+next to each task's own learning to decide an architecture; otherwise the report says the
+affinities are inconclusive."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 KINDS = ("cosine", "lookahead")
 MAX_GROUPED_TASKS = 8  # describe() scores groupings of at most this many tasks
+NEGLIGIBLE = 0.05
+"""The smallest gain of one grouping over another, in units of a task's own step (``Grouping``),
+that lets the affinities choose between them."""
 
 
 def mean_over_runs(summaries: Sequence[dict]) -> dict:
@@ -27,13 +41,78 @@ def mean_over_runs(summaries: Sequence[dict]) -> dict:
             "epochs": sum(s["epochs"] for s in summaries), "runs": len(summaries)}
 
 
-def describe(summary: dict) -> list[str]:
-    """Plain-language findings: the pairs that conflict (negative mean cosine or affinity), the
-    pair that helps each other most, and whether to try splitting the tasks into two networks.
+@dataclass(frozen=True)
+class Grouping:
+    """The best split of the tasks into two networks set against one network for all, chosen on
+    the mean affinities of several runs (seeds), and how far the runs bear the choice out.
+
+    ``gains``: per run, the split's score minus one network's, divided by the run's mean
+    self-affinity Z[j, j] (the drop of a task's loss after a step for that task itself). In
+    that unit a gain of 0.05 means that the grouping changes the help each task gets from the
+    others' steps by 5% of what its own step does for it."""
+
+    split: list[list[int]]
+    score_split: float
+    score_one: float
+    gains: list[float]
+    p: float | None
+    """One-sample t-test that the mean gain is 0 (None with fewer than 2 runs)."""
+    alpha: float
+
+    @property
+    def gain(self) -> float:
+        return float(np.mean(self.gains)) if self.gains else math.nan
+
+    def shown(self, names: list[str]) -> str:
+        """The split in words, e.g. ``{a, b} and {c}``."""
+        return " and ".join("{" + ", ".join(names[i] for i in g) + "}" for g in self.split)
+
+    @property
+    def conclusive(self) -> bool:
+        """The runs choose: the mean gain is distinguishable from 0 (p < alpha) and at least
+        ``NEGLIGIBLE`` (5%) of a task's own step, in either direction."""
+        return self.p is not None and self.p < self.alpha and abs(self.gain) >= NEGLIGIBLE
+
+
+def grouping(runs: Sequence[dict], alpha: float) -> Grouping | None:
+    """The ``Grouping`` of the runs' ``AffinityProbe.summary()`` dicts, or None with fewer than 2
+    or more than ``MAX_GROUPED_TASKS`` tasks or no measured affinity."""
+    z = from_json(mean_over_runs(runs)["lookahead"])
+    k = len(z)
+    if not 2 <= k <= MAX_GROUPED_TASKS or np.isnan(z).all():
+        return None
+    one = [list(range(k))]
+    split = max(_two_groups(k), key=lambda groups: _grouping_score(z, groups))
+    gains = []
+    for run in runs:
+        zr = from_json(run["lookahead"])
+        own = np.nanmean(np.diag(zr)) if np.isfinite(np.diag(zr)).any() else math.nan
+        if own > 0:
+            gains.append((_grouping_score(zr, split) - _grouping_score(zr, one)) / own)
+    return Grouping(split, _grouping_score(z, split), _grouping_score(z, one), gains,
+                    one_sample_p(gains), alpha)
+
+
+def one_sample_p(values: list[float]) -> float | None:
+    """Two-sided p-value of Student's one-sample t-test that the mean of ``values`` is 0; None for
+    fewer than 2 values; constant values give 1 when all 0, else 0."""
+    if len(values) < 2:
+        return None
+    if np.var(values) == 0:
+        return 1.0 if values[0] == 0 else 0.0
+    return float(stats.ttest_1samp(values, 0.0).pvalue)
+
+
+def describe(runs: Sequence[dict], alpha: float) -> list[str]:
+    """Plain-language findings of several runs' affinities: the pairs that conflict (negative
+    mean cosine or affinity), the pair that helps each other most, and what the affinities say
+    about grouping the tasks (``Grouping``): a split to try, one network, or nothing when they
+    are inconclusive.
 
     Groupings follow Fifty et al. 2021: a task's score in a group is the mean affinity onto it
     from the group's other tasks (Z[i, j] over i), 0 for a task alone; a grouping scores the mean
     over all tasks. The best split into two groups is set against all tasks in one network."""
+    summary = mean_over_runs(runs)
     names = summary["tasks"]
     cos, z = from_json(summary["cosine"]), from_json(summary["lookahead"])
     k = len(names)
@@ -54,21 +133,30 @@ def describe(summary: dict) -> list[str]:
     mutual = np.where(np.eye(k, dtype=bool), np.nan, (z + z.T) / 2)
     if np.isfinite(mutual).any() and np.nanmax(mutual) > 0:
         i, j = np.unravel_index(np.nanargmax(mutual), mutual.shape)
+        shares = [z[a, b] / z[b, b] for a, b in ((i, j), (j, i)) if z[b, b] > 0]
+        share = (f", {np.mean(shares):.1%} of what a step for each does to its own loss"
+                 if shares else "")
         lines.append(f"{names[i]} and {names[j]} help each other most (mean affinity "
-                     f"{mutual[i, j]:.3g}, gradient cosine {cos[i, j]:.2f}).")
-    if k > MAX_GROUPED_TASKS:
-        return lines
-    together = _grouping_score(z, [list(range(k))])
-    split = max(_two_groups(k), key=lambda groups: _grouping_score(z, groups))
-    score = _grouping_score(z, split)
-    shown = " and ".join("{" + ", ".join(names[i] for i in g) + "}" for g in split)
-    if score > together:
-        lines.append(f"Grouping to try: {shown} as two networks (score {score:.3g}, against "
-                     f"{together:.3g} for all tasks in one network).")
-    else:
-        lines.append(f"Keep all tasks in one network: it scores {together:.3g}, against "
-                     f"{score:.3g} for the best split into two groups, {shown}.")
-    return lines
+                     f"{mutual[i, j]:.3g}{share}; gradient cosine {cos[i, j]:.2f}).")
+    found = grouping(runs, alpha)
+    return lines if found is None else [*lines, grouping_sentence(found, names)]
+
+
+def grouping_sentence(found: Grouping, names: list[str]) -> str:
+    """What ``found`` says about grouping the tasks ``names``, in one sentence."""
+    shown = found.shown(names)
+    scores = (f"score {found.score_split:.3g} against {found.score_one:.3g} for one network; the "
+              f"split gains {found.gain:+.1%} of a task's own step")
+    noise = (f"p = {found.p:.2g} over {len(found.gains)} seeds" if found.p is not None else
+             "fewer than 2 seeds, so nothing can be said about noise")
+    if not found.conclusive:
+        return (f"Inconclusive: the seeds do not bear out a choice between the best split into "
+                f"two networks, {shown}, and one network for all tasks ({scores}; {noise}; a "
+                f"choice needs p < {found.alpha:g} and a gain of at least {NEGLIGIBLE:.0%} either "
+                f"way). These affinities support no grouping.")
+    if found.gain > 0:
+        return f"Grouping to try: {shown} as two networks ({scores}; {noise})."
+    return f"One network for all tasks scores best: better than the best split, {shown} ({scores}; {noise})."
 
 
 def _grouping_score(z: np.ndarray, groups: list[list[int]]) -> float:

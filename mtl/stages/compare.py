@@ -6,8 +6,19 @@
     Δm = (1/T) Σ_t (1/M_t) Σ_m (−1)^{h_{t,m}} (M_{t,m} − B_{t,m}) / B_{t,m} × 100
 
 with B the baseline's metric and h = 1 where lower is better, so a positive Δm is better than
-single-task learning. Metrics in ``compare.exclude`` (R² by default) and metrics whose baseline is
-0 or missing are left out of the average; a task with no metric left is left out of T.
+single-task learning. Which metrics M_t of a task it averages is ``compare.delta_m``:
+
+- ``primary`` (default): one threshold-free metric per task kind (``PRIMARY``): AUROC for
+  binary, multiclass and multilabel tasks, MAE for regression. Accuracy and F1 are taken at a
+  0.5 threshold that nobody tuned, so they move with the class balance and with where the
+  scores sit, not only with how well the model ranks. On a task with few positives they can
+  fall while AUROC holds, and counted in Δm they then outweigh it two to one. MAE rather than
+  RMSE: in the target's units and less dominated by a few outliers.
+- ``all``: every metric of the task, as Maninis et al. average.
+
+Either way, metrics in ``compare.exclude`` (R² by default) and metrics whose baseline is 0 or
+missing are left out, and a task with no metric left is left out of T. The table shows every
+metric whatever Δm counts.
 
 With several seeds, each variant's Δm is computed per seed against the baseline's mean over seeds,
 and every metric and Δm is reported as mean ± sample std. A difference from the baseline counts as
@@ -30,16 +41,28 @@ from mtl.engine import HIGHER_IS_BETTER
 from mtl.errors import UserError
 from mtl.io import read_json, remove_leftovers, write_json, write_text
 
+PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "mae"}
+
+
+def delta_m_metrics(params: Params, metrics: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Per task, those of its ``metrics`` that Δm averages under ``compare.delta_m`` (the task
+    kind's ``PRIMARY`` metric, or ``all``), less ``compare.exclude``."""
+    cfg, kinds = params.compare, {name: task.kind for name, task in params.data.tasks.items()}
+    return {task: [m for m in names if m not in cfg.exclude
+                   and (cfg.delta_m == "all" or m == PRIMARY[kinds[task]])]
+            for task, names in metrics.items()}
+
 
 def delta_m(metrics: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]],
-            exclude: list[str] = ()) -> float | None:
-    """Δm in percent of ``metrics`` against ``baseline`` (both: task -> metric -> value)."""
+            used: dict[str, list[str]]) -> float | None:
+    """Δm in percent of ``metrics`` against ``baseline`` (both: task -> metric -> value), over
+    the metrics ``used`` of each task (``delta_m_metrics``)."""
     per_task = []
     for task, base in baseline.items():
         changes = []
-        for name, b in base.items():
-            m = metrics.get(task, {}).get(name)
-            if name in exclude or name not in HIGHER_IS_BETTER or m is None or not b:
+        for name in used.get(task, []):
+            m, b = metrics.get(task, {}).get(name), base.get(name)
+            if name not in HIGHER_IS_BETTER or m is None or not b:
                 continue
             sign = 1.0 if HIGHER_IS_BETTER[name] else -1.0
             changes.append(sign * (m - b) / b)
@@ -96,10 +119,11 @@ def run(params: Params) -> None:
     base_runs = runs[baseline_name]
     base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
                  for task, ms in base_runs[0].items()}
-    base_dm = [delta_m(r, base_mean, params.compare.exclude) for r in base_runs]
+    used = delta_m_metrics(params, {task: list(ms) for task, ms in base_runs[0].items()})
+    base_dm = [delta_m(r, base_mean, used) for r in base_runs]
     table = {}
     for variant, per_seed in runs.items():
-        dms = [delta_m(r, base_mean, params.compare.exclude) for r in per_seed]
+        dms = [delta_m(r, base_mean, used) for r in per_seed]
         tasks = {}
         for task, ms in per_seed[0].items():
             tasks[task] = {}
@@ -114,7 +138,7 @@ def run(params: Params) -> None:
                  if None in dms + base_dm else summarise(dms, base_dm, alpha))
         table[variant] = {"delta_m": delta | {"per_seed": [_round(d) for d in dms]}, "tasks": tasks}
     write_json(table, paths.COMPARE_JSON)
-    report = render(table, baseline_name, params.compare.exclude, seeds, alpha)
+    report = render(table, baseline_name, used, params.compare.delta_m, seeds, alpha)
     write_text(report, paths.REPORT)
     print(report)
 
@@ -127,7 +151,8 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def render(table: dict, baseline: str, exclude: list[str], seeds: list[int], alpha: float) -> str:
+def render(table: dict, baseline: str, used: dict[str, list[str]], mode: str, seeds: list[int],
+           alpha: float) -> str:
     """A Markdown report: one row per variant, one column per task metric (mean ± std over
     seeds), best means in bold, differences from the baseline within noise marked ≈."""
     columns = [(task, metric) for task, ms in table[baseline]["tasks"].items() for metric in ms]
@@ -142,11 +167,12 @@ def render(table: dict, baseline: str, exclude: list[str], seeds: list[int], alp
     noise = (f" ≈ marks a difference from `{baseline}` within noise: Welch's two-sided t-test "
              f"over the seeds gives p ≥ {alpha}." if len(seeds) > 1 else
              " One seed: no spread, so nothing can be said about noise; set `seeds` to several.")
+    counted = ", ".join(f"{task} {' and '.join(ms)}" for task, ms in used.items() if ms) or "none"
     intro = (f"Test-split metrics of every variant, mean ± std over seeds {seeds}. Δm is the mean "
              f"relative change against the `{baseline}` baseline's mean over tasks and their "
              f"metrics (sign-flipped where lower is better; positive = better than single-task), "
-             f"per seed. Left out of Δm: {', '.join(exclude) or 'nothing'}. Best mean of each "
-             f"column in bold.{noise}")
+             f"per seed. Δm counts {counted} (`compare.delta_m: {mode}`{MODES[mode]}); the table "
+             f"shows every metric. Best mean of each column in bold.{noise}")
     lines = ["# Comparison against single-task learning", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in table.items():
@@ -157,6 +183,10 @@ def render(table: dict, baseline: str, exclude: list[str], seeds: list[int], alp
             cells.append(_cell(stat, bold=bold, baseline=variant == baseline))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+MODES = {"primary": ": one threshold-free metric per task kind, AUROC for classification, MAE "
+                    "for regression", "all": ": every metric of a task but `compare.exclude`"}
 
 
 def _cell(stat: dict, signed: bool = False, bold: bool = False, baseline: bool = False) -> str:

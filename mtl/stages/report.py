@@ -6,9 +6,9 @@ The plots (matplotlib figures rendered by Agg, no display needed), curves averag
 
 - ``val_loss.png``: each task's validation loss per epoch, one panel a task, one line a variant;
 - ``weights.png``: the weight each task's loss got per epoch, one panel a variant;
-- ``pareto.png``: for each pair of tasks, every variant's change against the baseline on each
-  task's first metric (in %, signed so that up and right are better); the baseline sits at the
-  origin, and variants that no other variant beats on both tasks are filled;
+- ``pareto.png``: for each pair of tasks, every variant's change against the baseline on the
+  task's (first) metric that Δm counts (in %, signed so that up and right are better); the
+  baseline sits at the origin, and variants that no other variant beats on both tasks are filled;
 - ``affinity-<variant>.png``: the task-affinity matrices of each variant that recorded them.
 """
 
@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from mtl import paths
 from mtl.config import Params
 from mtl.engine import HIGHER_IS_BETTER
-from mtl.engine.affinity_summary import describe, mean_over_runs
+from mtl.engine.affinity_summary import describe, grouping, mean_over_runs
 from mtl.errors import UserError
 from mtl.io import (
     OPTIONAL_NUMBER,
@@ -41,6 +41,8 @@ from mtl.io import (
     replace_dirs,
     temp_dir,
 )
+from mtl.stages.compare import delta_m_metrics
+from mtl.stages.verdict import verdict
 
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # epochs, mean and std over seeds
 
@@ -53,10 +55,10 @@ def run(params: Params) -> None:
     baseline, seeds = params.compare.baseline, params.seeds
     table = read_comparison(baseline)
     tasks = list(table[baseline]["tasks"])
-    firsts = {t: next(m for m in ms if m not in params.compare.exclude)
-              for t, ms in table[baseline]["tasks"].items()
-              if any(m not in params.compare.exclude for m in ms)}
-    affinity = {v: s for v in table if (s := mean_affinity(v, seeds)) is not None}
+    used = delta_m_metrics(params, {t: list(ms) for t, ms in table[baseline]["tasks"].items()})
+    firsts = {t: ms[0] for t, ms in used.items() if ms}
+    runs = {v: r for v in table if (r := affinity_runs(v, seeds))}
+    affinity = {v: mean_over_runs(r) for v, r in runs.items()}
     figures = {
         "val_loss.png": curves_figure(
             {t: {v: mean_curve(v, seeds, f"val/loss/{t}") for v in table} for t in tasks}, "validation loss"),
@@ -65,7 +67,11 @@ def run(params: Params) -> None:
         "pareto.png": pareto_figure(table, baseline, firsts),
     } | {f"affinity-{v}.png": affinity_figure(s, v) for v, s in affinity.items()}
     images = {name: fig for name, fig in figures.items() if fig is not None}
-    markdown = render(read_text(paths.REPORT), table, baseline, seeds, firsts, images, affinity)
+    alpha = params.compare.alpha
+    advice = verdict(table, baseline, {v: (grouping(r, alpha), affinity[v]["tasks"]) for v, r in runs.items()})
+    findings = {v: describe(r, alpha) for v, r in runs.items()}
+    markdown = render(read_text(paths.REPORT), table, baseline, seeds, firsts, images,
+                      affinity, findings, advice)
     write(images, markdown)
     print(f"report: {len(images)} plots in {paths.PLOTS_DIR} -> {paths.FULL_REPORT}, {paths.REPORT_HTML}")
 
@@ -135,8 +141,8 @@ def mean_curve(variant: str, seeds: list[int], metric: str) -> Curve | None:
     return np.array(steps), np.array([np.mean(v) for v in values]), np.array(spread)
 
 
-def mean_affinity(variant: str, seeds: list[int]) -> dict | None:
-    """The variant's task-affinity summary averaged over the seeds that recorded one, or None."""
+def affinity_runs(variant: str, seeds: list[int]) -> list[dict]:
+    """The variant's task-affinity summaries of the seeds that recorded one."""
     files = {s: paths.model_dir(variant, s) / "affinity.json" for s in seeds}
     summaries = {s: read_json(f) for s, f in files.items() if f.is_file()}
     first = next(iter(summaries), None)
@@ -147,7 +153,7 @@ def mean_affinity(variant: str, seeds: list[int]) -> dict | None:
                        f"{summaries[first]['tasks']}")
         if problem:
             raise UserError(f"{files[seed]}: {problem} (run '{retrain(variant, seed)}' again)")
-    return mean_over_runs(list(summaries.values())) if summaries else None
+    return list(summaries.values())
 
 
 def _not_square(summary: dict) -> str | None:
@@ -272,8 +278,9 @@ def affinity_figure(summary: dict, variant: str) -> Figure:
 
 
 def render(compare_md: str, table: dict, baseline: str, seeds: list[int], firsts: dict[str, str],
-           images: dict, affinity: dict) -> str:
-    """The report in Markdown: the comparison, then each plot with what it shows."""
+           images: dict, affinity: dict, findings: dict[str, list[str]], advice: list[str]) -> str:
+    """The report in Markdown: the comparison and the verdict, then each plot with what it shows,
+    then the task affinity of each variant with its ``findings``."""
     front = sorted(pareto_front({v: tuple(c for c, _ in p)
                                  for v, p in pareto_points(table, baseline, firsts).items()}))
     metrics = ", ".join(f"{t} {m}" for t, m in firsts.items())
@@ -288,6 +295,7 @@ def render(compare_md: str, table: dict, baseline: str, seeds: list[int], firsts
         names = ", ".join(f"`{v}`" for v in front) or "none"
         lines += [(f"Not dominated on {metrics} (no other variant at least as good on each and "
                    f"better on one): {names}."), ""]
+    lines += ["## Verdict", ""] + [part for sentence in advice for part in (sentence, "")]
     for name, title, text in SECTIONS:
         if name in images:
             text = text.format(baseline=baseline, metrics=metrics)
@@ -295,12 +303,10 @@ def render(compare_md: str, table: dict, baseline: str, seeds: list[int], firsts
     lines += ["## Task affinity", "", AFFINITY_TEXT, ""]
     if not affinity:
         lines += ["No variant recorded task affinity (`models/<variant>/seed-<seed>/affinity.json`).", ""]
-    else:
-
-        for variant, summary in affinity.items():
-            lines += [f"### `{variant}`", "", f"![Task affinity of {variant}](plots/affinity-{variant}.png)", "",
-                      f"Mean over {summary['epochs']} epochs of {summary['runs']} seeds.", ""]
-            lines += [f"- {sentence}" for sentence in describe(summary)] + [""]
+    for variant, summary in affinity.items():
+        lines += [f"### `{variant}`", "", f"![Task affinity of {variant}](plots/affinity-{variant}.png)", "",
+                  f"Mean over {summary['epochs']} epochs of {summary['runs']} seeds.", ""]
+        lines += [f"- {sentence}" for sentence in findings[variant]] + [""]
     return "\n".join(lines)
 
 
@@ -316,7 +322,7 @@ SECTIONS = (  # plot, heading, what it shows
         "methods) move.")),
     ("pareto.png", "Trade-offs between tasks (Pareto)", (
         "For each pair of tasks, each variant's mean change against `{baseline}` on the task's "
-        "first metric ({metrics}), in % of the baseline and sign-flipped where lower is better, "
+        "(first) metric that Δm counts ({metrics}), in % of the baseline and sign-flipped where lower is better, "
         "so up and right are better; bars: ± one std over seeds. `{baseline}` is the black "
         "square at the origin. Filled markers: not dominated on the pair; hollow: dominated.")),
 )

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,11 +124,30 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
                     "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
                     "device": str(device), "processes": distributed.world()[0],
                     "precision": precision, "deterministic": cfg.deterministic}
-    stats = {"train_seconds": round(seconds, 2), "n_train": len(train), "n_val": len(val)}
+    warnings = early_best(variant, seed, result.best_epochs, result.epochs_run)
+    stats = {"train_seconds": round(seconds, 2), "n_train": len(train), "n_val": len(val),
+             "warnings": warnings}
     publish(work, variant, seed, bundle, stats, probe)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     resumed = f" (resumed at epoch {result.resumed_at})" if resume else ""
     print(f"train@{variant}-{seed}: {result.epochs_run} epochs{resumed} in {seconds:.1f}s on "
           f"{device}, best epochs {result.best_epochs} -> {paths.model_dir(variant, seed) / 'model.pt'}")
+
+
+def early_best(variant: str, seed: int, best_epochs: dict[str, int], epochs_run: int) -> list[str]:
+    """A warning when the best validation epoch came very early: of at least 10 epochs run, the
+    first 10% and at most the second (counting from 1). The validation loss then rose for most
+    of the run, a sign of overfitting from the start (a short text column with many hash buckets
+    does this)."""
+    early = {t: b + 1 for t, b in best_epochs.items() if epochs_run >= 10 and b + 1 <= min(2, epochs_run / 10)}
+    if not early:
+        return []
+    tasks = ", ".join(f"{t} at epoch {e}" for t, e in early.items())
+    return [(f"train@{variant}-{seed}: the best validation loss came very early ({tasks}; "
+            f"{epochs_run} epochs run), so the model overfits almost from the start; try a lower "
+            f"train.lr or more train.weight_decay, and with text columns fewer "
+            f"encoders.hashing.buckets")]
 
 
 def epoch_logger(work: Path, resume: bool, model: nn.Module, tasks: list[Task],
