@@ -130,6 +130,23 @@ def test_compare_stage_writes_json_and_report_over_seeds(tmp_path, monkeypatch):
     assert "Welch" in report
 
 
+def test_summary_holds_delta_m_and_the_metrics_it_counts(tmp_path, monkeypatch):
+    """metrics/summary.json, the DVC metrics file: per variant Δm, its p-value and the mean of
+    each metric Δm counts; nothing per seed."""
+    monkeypatch.chdir(tmp_path)
+    params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]"])
+    wobble = {0: -0.01, 1: 0.0, 2: 0.01}
+    write_metrics(params, lambda v, s, m: m["sex"].update(auroc=m["sex"]["auroc"] + wobble[s]))
+    compare.run(params)
+    result, summary = (json.loads(p.read_text()) for p in (paths.COMPARE_JSON, paths.SUMMARY_JSON))
+    assert summary["hps-ew"] == {
+        "delta_m": result["hps-ew"]["delta_m"]["mean"], "p": result["hps-ew"]["delta_m"]["p"],
+        "species": {"auroc": result["hps-ew"]["tasks"]["species"]["auroc"]["mean"]},
+        "sex": {"auroc": result["hps-ew"]["tasks"]["sex"]["auroc"]["mean"]},
+        "body_mass": {"mae": result["hps-ew"]["tasks"]["body_mass"]["mae"]["mean"]}}
+    assert set(summary) == set(params.variants)
+
+
 def test_compare_with_one_seed_makes_no_noise_claim(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = load_params(REPO / "params.yaml", ["seeds=[0]"])

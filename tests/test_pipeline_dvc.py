@@ -116,8 +116,7 @@ def test_metrics_plots_and_experiments_show(project):
     root, _ = project
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     files = next(iter(metrics.values()))["data"]
-    assert {"metrics/compare.json", "metrics/variants/stl/seed-0.json",
-            "dvclive/hps-ew/seed-0/metrics.json"} <= set(files)
+    assert set(files) == {"metrics/summary.json"}  # per-seed detail stays out of the default view
     images = {p.name for p in (root / paths.PLOTS_DIR).iterdir()}
     assert {"val_loss.png", "weights.png", "pareto.png", "affinity-hps-ew.png"} <= images
     assert "affinity-stl.png" not in images  # single-task networks share nothing to measure
@@ -127,10 +126,16 @@ def test_metrics_plots_and_experiments_show(project):
     commit(root, "results")
     header, *rows = run(["dvc", "exp", "show", "--csv"], root).stdout.splitlines()
     columns = header.split(",")
-    assert {"hps-ew.delta_m.mean", "variants.hps-static.weights.body_mass",
+    assert {"hps-ew.delta_m", "hps-ew.sex.auroc", "variants.hps-static.weights.body_mass",
             "train.epochs"} <= set(columns)
+    assert sum(c.startswith(("stl.", "hps-")) for c in columns) == 3 * 5  # Δm, p, 3 tasks' metric
+    assert not any("per_seed" in c or c.endswith(".std") for c in columns)
     workspace = dict(zip(columns, next(r for r in rows if ",workspace," in r).split(",")))
-    assert abs(float(workspace["stl.delta_m.mean"])) < 1e-6
+    assert abs(float(workspace["stl.delta_m"])) < 1e-6
+    header = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "Experiment|.*delta_m"],
+                 root).stdout.splitlines()[0]  # the README's readable view
+    assert set(header.split(",")) == {"Experiment", "stl.delta_m", "hps-ew.delta_m",
+                                      "hps-static.delta_m", "compare.delta_m"}
 
 
 def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):

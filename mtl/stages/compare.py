@@ -1,5 +1,6 @@
 """compare: every variant's test metrics -> one table with Δm against the single-task baseline
-(``metrics/compare.json`` and the Markdown report ``reports/compare.md``).
+(``metrics/compare.json``, its summary ``metrics/summary.json`` and the Markdown report
+``reports/compare.md``).
 
 Δm (Maninis et al. 2019, "Attentive Single-Tasking of Multiple Tasks"; Vandenhende et al. 2021):
 
@@ -105,42 +106,59 @@ def read_metrics(path: Path, tasks: list[str]) -> dict[str, dict[str, float | No
 
 
 def run(params: Params) -> None:
-    remove_leftovers(paths.COMPARE_JSON, paths.REPORT)
-    baseline_name, seeds, alpha = params.compare.baseline, params.seeds, params.compare.alpha
-    runs = {}  # variant -> one {task: {metric: value}} per seed
-    for variant in params.variants:
-        runs[variant] = []
-        for seed in seeds:
-            path = paths.variant_metrics(variant, seed)
-            if not path.is_file():
-                raise UserError(f"{path}: file not found "
-                                f"(run 'mtl evaluate --variant {variant} --seed {seed}' first)")
-            runs[variant].append(read_metrics(path, list(params.data.tasks)))
-    base_runs = runs[baseline_name]
-    base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
-                 for task, ms in base_runs[0].items()}
+    remove_leftovers(paths.COMPARE_JSON, paths.SUMMARY_JSON, paths.REPORT)
+    runs = {variant: [read_run(variant, seed, params) for seed in params.seeds]
+            for variant in params.variants}
+    base_runs = runs[params.compare.baseline]
     used = delta_m_metrics(params, {task: list(ms) for task, ms in base_runs[0].items()})
-    base_dm = [delta_m(r, base_mean, used) for r in base_runs]
-    table = {}
-    for variant, per_seed in runs.items():
-        dms = [delta_m(r, base_mean, used) for r in per_seed]
-        tasks = {}
-        for task, ms in per_seed[0].items():
-            tasks[task] = {}
-            for metric in ms:
-                values = [r[task][metric] for r in per_seed]
-                base = [r.get(task, {}).get(metric) for r in base_runs]
-                if any(v is None for v in values + base):
-                    tasks[task][metric] = {"mean": None, "std": None, "p": None, "within_noise": None}
-                else:
-                    tasks[task][metric] = summarise(values, base, alpha)
-        delta = ({"mean": None, "std": None, "p": None, "within_noise": None}
-                 if None in dms + base_dm else summarise(dms, base_dm, alpha))
-        table[variant] = {"delta_m": delta | {"per_seed": [_round(d) for d in dms]}, "tasks": tasks}
+    table = {variant: compare_runs(per_seed, base_runs, used, params.compare.alpha)
+             for variant, per_seed in runs.items()}
     write_json(table, paths.COMPARE_JSON)
-    report = render(table, baseline_name, used, params.compare.delta_m, seeds, alpha)
+    write_json(summary(table, used), paths.SUMMARY_JSON)
+    report = render(table, params.compare.baseline, used, params.compare.delta_m, params.seeds,
+                    params.compare.alpha)
     write_text(report, paths.REPORT)
     print(report)
+
+
+def read_run(variant: str, seed: int, params: Params) -> dict[str, dict[str, float | None]]:
+    """The test metrics of one run, or one line saying which evaluate stage to run."""
+    path = paths.variant_metrics(variant, seed)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found "
+                        f"(run 'mtl evaluate --variant {variant} --seed {seed}' first)")
+    return read_metrics(path, list(params.data.tasks))
+
+
+def compare_runs(per_seed: list[dict], base_runs: list[dict], used: dict[str, list[str]],
+                 alpha: float) -> dict:
+    """One variant's row of compare.json: Δm (with its per-seed values) and every task metric,
+    each summarised against the baseline's runs."""
+    base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
+                 for task, ms in base_runs[0].items()}
+    missing = {"mean": None, "std": None, "p": None, "within_noise": None}
+    tasks = {}
+    for task, ms in per_seed[0].items():
+        tasks[task] = {}
+        for metric in ms:
+            values = [r[task][metric] for r in per_seed]
+            base = [r.get(task, {}).get(metric) for r in base_runs]
+            tasks[task][metric] = (missing if any(v is None for v in values + base)
+                                   else summarise(values, base, alpha))
+    dms = [delta_m(r, base_mean, used) for r in per_seed]
+    base_dm = [delta_m(r, base_mean, used) for r in base_runs]
+    delta = missing if None in dms + base_dm else summarise(dms, base_dm, alpha)
+    return {"delta_m": delta | {"per_seed": [_round(d) for d in dms]}, "tasks": tasks}
+
+
+def summary(table: dict, used: dict[str, list[str]]) -> dict:
+    """What a user compares between experiments, declared as DVC metrics so that ``dvc metrics
+    show`` and ``dvc exp show`` stay readable: per variant, Δm's mean and p-value and the mean
+    of each metric Δm counts (compare.json keeps every metric, std and per-seed value)."""
+    return {variant: {"delta_m": row["delta_m"]["mean"], "p": row["delta_m"]["p"],
+                      **{task: {m: row["tasks"][task][m]["mean"] for m in ms}
+                         for task, ms in used.items() if ms}}
+            for variant, row in table.items()}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -148,7 +166,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+    return None if value is None else round(value, 4) + 0.0  # + 0.0: no -0.0
 
 
 def render(table: dict, baseline: str, used: dict[str, list[str]], mode: str, seeds: list[int],
