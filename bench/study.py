@@ -77,7 +77,7 @@ def main() -> None:
     if args.docs:
         target = REPO / args.docs
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(root / "reports", target)
+        shutil.copytree(root / "reports", target, ignore=shutil.ignore_patterns(".gitignore"))
         (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         with (target / "report.md").open("a") as f:
             f.write(footer)
