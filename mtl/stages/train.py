@@ -201,7 +201,8 @@ def build(params: Params, variant: str, seed: int, preprocessor: Preprocessor,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
     try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
         bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
-                               {"dim": enc.dim, "image_channels": enc.image_channels})
+                               {"dim": enc.dim, "text_dim": enc.hashing.dim,
+                                "image_channels": enc.image_channels})
         weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
                                      spec.weighting_options)
     except ValueError as exc:
