@@ -147,7 +147,7 @@ def early_best(variant: str, seed: int, best_epochs: dict[str, int], epochs_run:
     return [(f"train@{variant}-{seed}: the best validation loss came very early ({tasks}; "
             f"{epochs_run} epochs run), so the model overfits almost from the start; try a lower "
             f"train.lr or more train.weight_decay, and with text columns fewer "
-            f"encoders.hashing.buckets")]
+            f"encoders.hashing.buckets or a smaller encoders.hashing.dim")]
 
 
 def epoch_logger(work: Path, resume: bool, model: nn.Module, tasks: list[Task],
