@@ -101,14 +101,19 @@ def _ngram_range(value: list[int] | None) -> list[int] | None:
 
 
 class HashingConfig(Section):
-    """The hashed text encoder: word and character n-grams hashed into ``buckets`` ids."""
+    """The hashed text encoder: word and character n-grams hashed into ``buckets`` ids, each a
+    learned ``dim``-wide embedding. The defaults are measured on long and short texts
+    (BENCHMARKS.md, "Hashed text"): 2^16 x 32 overfit a 4-word title within 4 epochs and made
+    hps-ew worse than no text; 2^12 x 8 helped on titles and held on whole tweets."""
 
-    buckets: int = Field(2**16, ge=1, le=2**24)
+    buckets: int = Field(2**12, ge=1, le=2**24)
     word_ngrams: list[int] = [1, 2]
     char_ngrams: list[int] | None = [3, 5]
     """Character n-grams of each word (``null``: none)."""
     max_tokens: int = Field(512, ge=1)
     """n-gram ids kept per text column and row (word n-grams first)."""
+    dim: int = Field(8, ge=1)
+    """Width of the n-gram embeddings and of the text vector (``encoders.dim`` sets the others)."""
 
     _ranges = field_validator("word_ngrams", "char_ngrams")(_ngram_range)
 
@@ -121,7 +126,7 @@ class EncodersConfig(Section):
     embeddings (all-MiniLM-L6-v2, the optional extra ``text``)."""
     hashing: HashingConfig = HashingConfig()
     dim: int = Field(32, ge=1)
-    """Output width of the text encoder and of the image encoder."""
+    """Output width of the image encoder and of the ``minilm`` text projection."""
     image_channels: list[int] = Field([16, 32], min_length=1)
     """Widths of the image CNN's convolutions (each: 3x3 conv, ReLU, 2x2 max-pool)."""
 

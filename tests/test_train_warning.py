@@ -53,7 +53,7 @@ def test_train_warns_when_the_best_epoch_comes_very_early(noise, capsys):
     assert err == [("warning: train@hps-ew-0: the best validation loss came very early (y at epoch "
                    "1, z at epoch 1; 12 epochs run), so the model overfits almost from the start; "
                    "try a lower train.lr or more train.weight_decay, and with text columns fewer "
-                   "encoders.hashing.buckets")]
+                   "encoders.hashing.buckets or a smaller encoders.hashing.dim")]
     info = json.loads((paths.model_dir("hps-ew", 0) / "train.json").read_text())
     assert info["warnings"] == [err[0].removeprefix("warning: ")]
 

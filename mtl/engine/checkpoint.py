@@ -59,7 +59,7 @@ class Bundle:
     preprocessor: Preprocessor
     layers: dict  # hidden, head_hidden, dropout, options: keyword arguments of archs.build
     info: dict  # anything JSON-like worth keeping (weighting, seed, epochs, ...)
-    encoder: dict = field(default_factory=dict)  # dim, image_channels: keyword arguments of FeatureEncoder
+    encoder: dict = field(default_factory=dict)  # dim, text_dim, image_channels: FeatureEncoder kwargs
 
     @classmethod
     def create(cls, arch: str, tasks: list[Task], preprocessor: Preprocessor,

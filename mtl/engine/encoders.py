@@ -209,21 +209,26 @@ def _tuples(values: dict) -> dict:
 class FeatureEncoder(nn.Module):
     """The inputs of a ``Preprocessor`` -> [N, out_dim]: the ``TabularEncoder``'s output
     concatenated with, where present, the ``HashedTextEncoder``'s, a linear projection of the
-    MiniLM embeddings, and the ``SmallCNN``'s (text and image parts each ``dim`` wide)."""
+    MiniLM embeddings, and the ``SmallCNN``'s (the hashed text part ``text_dim`` wide, the
+    others ``dim``; ``text_dim`` None: ``dim``, as models saved before it existed)."""
 
     def __init__(self, preprocessor: Preprocessor, dim: int = 32,
-                 image_channels: Sequence[int] = (16, 32)):
+                 image_channels: Sequence[int] = (16, 32), text_dim: int | None = None):
         super().__init__()
         p = preprocessor
         self.tabular = TabularEncoder(p.tabular.num_dim, p.tabular.cardinalities)
         self.parts = nn.ModuleDict()  # input name -> its encoder
+        widths = []
         if isinstance(p.text, HashedText):
-            self.parts["text"] = HashedTextEncoder(p.text.buckets, dim)
+            self.parts["text"] = HashedTextEncoder(p.text.buckets, text_dim or dim)
+            widths.append(text_dim or dim)
         elif isinstance(p.text, MiniLMText):
             self.parts["text_emb"] = nn.Linear(p.text.dim, dim)
+            widths.append(dim)
         if p.image is not None:
             self.parts["image"] = SmallCNN(len(p.image.columns), p.image.shape, image_channels, dim)
-        self.out_dim = self.tabular.out_dim + dim * len(self.parts)
+            widths.append(dim)
+        self.out_dim = self.tabular.out_dim + sum(widths)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [self.tabular(inputs)] + [enc(inputs[name]) for name, enc in self.parts.items()]

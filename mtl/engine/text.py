@@ -48,7 +48,7 @@ class HashedText:
     most ``max_tokens`` per column; rows are padded with 0 to the longest."""
 
     columns: tuple[str, ...]
-    buckets: int = 2**16
+    buckets: int = 2**12
     word_ngrams: tuple[int, int] = (1, 2)
     char_ngrams: tuple[int, int] | None = (3, 5)
     max_tokens: int = 512

@@ -94,7 +94,8 @@ def _fit(params: Params, schema: dict) -> tuple[Preprocessor, list[Task]]:
 
     enc = params.encoders
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-        preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text, enc.hashing.model_dump())
+        preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text,
+                                        enc.hashing.model_dump(exclude={"dim"}))
     p = preprocessor.tabular
     moments = [*zip(p.numeric, p.means, p.stds), *((c, m.mean, m.std) for c, m in targets.items())]
     for column, mean, std in moments:

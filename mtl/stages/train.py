@@ -147,7 +147,7 @@ def early_best(variant: str, seed: int, best_epochs: dict[str, int], epochs_run:
     return [(f"train@{variant}-{seed}: the best validation loss came very early ({tasks}; "
             f"{epochs_run} epochs run), so the model overfits almost from the start; try a lower "
             f"train.lr or more train.weight_decay, and with text columns fewer "
-            f"encoders.hashing.buckets")]
+            f"encoders.hashing.buckets or a smaller encoders.hashing.dim")]
 
 
 def epoch_logger(work: Path, resume: bool, model: nn.Module, tasks: list[Task],
@@ -201,7 +201,8 @@ def build(params: Params, variant: str, seed: int, preprocessor: Preprocessor,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
     try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
         bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
-                               {"dim": enc.dim, "image_channels": enc.image_channels})
+                               {"dim": enc.dim, "text_dim": enc.hashing.dim,
+                                "image_channels": enc.image_channels})
         weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
                                      spec.weighting_options)
     except ValueError as exc:
