@@ -168,6 +168,9 @@ def export(variant: VariantOption,
            format_: Annotated[str, typer.Option("--format", "-f", help="torchscript or onnx.")],
            output: Annotated[Path, typer.Option("--output", "-o", help="The exported model file.")],
            int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the Linear layers.")] = False,
+           prune: Annotated[float | None, typer.Option(
+               "--prune", metavar="AMOUNT", help="Zero this fraction of the Linear weights, those of "
+                                                 "smallest magnitude over all Linear layers.")] = None,
            seed: OneSeedOption = None, params: ParamsOption = Path("params.yaml"),
            set_: SetOption = None) -> None:
     """Export a trained variant's network (TorchScript or ONNX) with a JSON describing it, and
@@ -175,7 +178,7 @@ def export(variant: VariantOption,
     with user_errors():
         from mtl.stages import export as stage
 
-        stage.run(load_params(params, set_), variant, seed, format_, output, int8)
+        stage.run(load_params(params, set_), variant, seed, format_, output, int8, prune)
 
 
 @app.command()
