@@ -182,6 +182,36 @@ def export(variant: VariantOption,
 
 
 @app.command()
+def serve(variant: VariantOption, seed: OneSeedOption = None,
+          host: Annotated[str, typer.Option("--host", help="The address to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", help="The port to listen on.")] = 8000,
+          workers: Annotated[int, typer.Option(
+              "--workers", help="Processes (uvicorn workers), each with the model loaded once.")] = 1,
+          backend: Annotated[str, typer.Option(
+              "--backend", help="torch (model.pt) or onnx (the file of `mtl export --format onnx`).")] = "torch",
+          onnx: Annotated[Path | None, typer.Option(
+              "--onnx", help="The ONNX file for --backend onnx; default exports/<variant>.onnx.")] = None,
+          max_rows: Annotated[int, typer.Option(
+              "--max-rows", help="The most rows one request may hold (more: HTTP 413).")] = 1024,
+          batching: Annotated[bool, typer.Option(
+              "--batching/--no-batching", help="Micro-batching: the rows of concurrent requests "
+                                               "go through the model in one pass.")] = True,
+          batch_wait_ms: Annotated[float, typer.Option(
+              "--batch-wait-ms", help="How long a request waits for others to batch with "
+                                      "(0: only those already waiting).")] = 0.0,
+          threads: Annotated[int, typer.Option(
+              "--threads", help="torch's (and onnxruntime's) threads in each worker.")] = 1,
+          params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Serve a trained variant over HTTP: POST /predict answers every task for JSON rows;
+    GET /health, /ready, /metadata, /docs; POST /reload loads the model trained since."""
+    with user_errors():
+        from mtl.serving import server
+
+        server.run(load_params(params, set_), variant, seed, host, port, workers, backend, onnx,
+                   max_rows, batch_wait_ms if batching else None, threads)
+
+
+@app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """The architectures and weightings a variant may name."""
     from mtl.engine import ARCH_OPTIONS, WEIGHTING_OPTIONS
