@@ -217,10 +217,11 @@ def test_health_ready_metadata_and_docs(project, server):  # noqa: F811
 
 
 class Stream:
-    """Requests sent one after another from ``threads`` threads, each on a new connection (so
-    that every worker process gets some), until ``stop``; each response's status and body."""
+    """Requests sent one after another from ``threads`` threads, each over its own kept-alive
+    connection (so that both worker processes get some), until ``stop``; each response's status
+    and body."""
 
-    def __init__(self, url: str, rows: list[dict], threads: int = 3):
+    def __init__(self, url: str, rows: list[dict], threads: int = 4):
         self.url, self.rows, self.results = url, rows, []
         self.stopped = threading.Event()
         self.threads = [threading.Thread(target=self._send) for _ in range(threads)]
@@ -228,9 +229,15 @@ class Stream:
             thread.start()
 
     def _send(self) -> None:
-        while not self.stopped.is_set():
-            response = httpx.post(f"{self.url}/predict", json={"rows": self.rows}, timeout=30)
-            self.results.append((response.status_code, response.json()))
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self.stopped.is_set():  # a failure is recorded, not raised in the thread
+                try:
+                    response = client.post("/predict", json={"rows": self.rows})
+                except httpx.TransportError as exc:
+                    self.results.append((None, repr(exc)))
+                    continue
+                ok = response.status_code == 200
+                self.results.append((response.status_code, response.json() if ok else response.text))
 
     def stop(self) -> list:
         self.stopped.set()
