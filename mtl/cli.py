@@ -184,6 +184,9 @@ def export(variant: VariantOption,
            format_: Annotated[str, typer.Option("--format", "-f", help="torchscript or onnx.")],
            output: Annotated[Path, typer.Option("--output", "-o", help="The exported model file.")],
            int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization of the Linear layers.")] = False,
+           prune: Annotated[float | None, typer.Option(
+               "--prune", metavar="AMOUNT", help="Zero this fraction of the Linear weights, those of "
+                                                 "smallest magnitude over all Linear layers.")] = None,
            seed: OneSeedOption = None, params: ParamsOption = Path("params.yaml"),
            set_: SetOption = None) -> None:
     """Export a trained variant's network (TorchScript or ONNX) with a JSON describing it, and
@@ -191,7 +194,37 @@ def export(variant: VariantOption,
     with user_errors():
         from mtl.stages import export as stage
 
-        stage.run(load_params(params, set_), variant, seed, format_, output, int8)
+        stage.run(load_params(params, set_), variant, seed, format_, output, int8, prune)
+
+
+@app.command()
+def serve(variant: VariantOption, seed: OneSeedOption = None,
+          host: Annotated[str, typer.Option("--host", help="The address to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option("--port", help="The port to listen on.")] = 8000,
+          workers: Annotated[int, typer.Option(
+              "--workers", help="Processes (uvicorn workers), each with the model loaded once.")] = 1,
+          backend: Annotated[str, typer.Option(
+              "--backend", help="torch (model.pt) or onnx (the file of `mtl export --format onnx`).")] = "torch",
+          onnx: Annotated[Path | None, typer.Option(
+              "--onnx", help="The ONNX file for --backend onnx; default exports/<variant>.onnx.")] = None,
+          max_rows: Annotated[int, typer.Option(
+              "--max-rows", help="The most rows one request may hold (more: HTTP 413).")] = 1024,
+          batching: Annotated[bool, typer.Option(
+              "--batching/--no-batching", help="Micro-batching: the rows of concurrent requests "
+                                               "go through the model in one pass.")] = True,
+          batch_wait_ms: Annotated[float, typer.Option(
+              "--batch-wait-ms", help="How long a request waits for others to batch with "
+                                      "(0: only those already waiting).")] = 0.0,
+          threads: Annotated[int, typer.Option(
+              "--threads", help="torch's (and onnxruntime's) threads in each worker.")] = 1,
+          params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Serve a trained variant over HTTP: POST /predict answers every task for JSON rows;
+    GET /health, /ready, /metadata, /docs; POST /reload loads the model trained since."""
+    with user_errors():
+        from mtl.serving import server
+
+        server.run(load_params(params, set_), variant, seed, host, port, workers, backend, onnx,
+                   max_rows, batch_wait_ms if batching else None, threads)
 
 
 @app.command()

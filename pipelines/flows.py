@@ -89,16 +89,34 @@ def up_to_date(project: Path, retries: int, runner: str, workers: int | None,
 @flow(name="pipeline", log_prints=True)
 def pipeline(root: str = ".", params: str | None = None, overrides: list[str] | None = None,
              retries: int = 1, runner: str = "threads", workers: int | None = None,
-             dask_address: str | None = None) -> list[str]:
+             dask_address: str | None = None, serve_variant: str | None = None) -> list[str]:
     """Bring the DVC pipeline up to date: run the stale stages, each as soon as its inputs are
     ready, and record them in dvc.lock. ``params`` replaces params.yaml and ``overrides``
-    (``a.b=value``) are written into it first, as ``dvc exp run -S`` does. Returns the stages it
-    ran (stages restored from the run-cache did not run)."""
+    (``a.b=value``) are written into it first, as ``dvc exp run -S`` does. Then, with
+    ``serve_variant``, release that variant's model (its first seed) to the ``mtl serve``
+    servers of the project, which load it without dropping a request. Returns the stages it ran
+    (stages restored from the run-cache did not run)."""
     project = Path(root).resolve()
     with one_run_per_project(project):
         params_file.update(project / "params.yaml", source=params, overrides=overrides or [])
-        load_params(project / "params.yaml")  # a bad configuration fails here, naming the key
-        return up_to_date(project, retries, runner, workers, dask_address)
+        loaded = load_params(project / "params.yaml")  # a bad configuration fails here, naming the key
+        if serve_variant is not None and serve_variant not in loaded.variants:
+            raise UserError(f"serve_variant: '{serve_variant}' is not in variants")
+        ran = up_to_date(project, retries, runner, workers, dask_address)
+        if serve_variant is not None:
+            release_for_serving(project, serve_variant, loaded.seeds[0])
+        return ran
+
+
+def release_for_serving(project: Path, variant: str, seed: int) -> None:
+    """Release the model of ``variant`` and ``seed`` to the project's ``mtl serve`` servers of
+    it (torch backend): each of their processes loads it within a second (``mtl.serving``)."""
+    from mtl.serving.model import Source
+    from mtl.serving.release import release
+
+    served = release(Source(variant, seed, root=str(project)))
+    get_run_logger().info("released %s seed %d (model %s) to its servers", variant, seed,
+                          served.metadata["model_sha256"][:12])
 
 
 @flow(name="sweep", log_prints=True)

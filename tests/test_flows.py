@@ -5,6 +5,7 @@ DVC cache and run-cache included, so that every test passes alone and in any ord
 deployments start their own server and worker with ``pipelines/serve.sh``."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from uuid import UUID
 
+import httpx
 import psutil
 import pytest
 import yaml
@@ -35,6 +37,7 @@ from pipelines.flows import pipeline
 from pipelines.stage import StageStopped
 from tests.helpers import env, run
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params, repro
+from tests.test_serve import MODEL, serving
 
 pytestmark = pytest.mark.slow
 STAGES = {"check", "ingest", "augment", "split", "compare", "report",
@@ -235,6 +238,22 @@ def test_dask_runner_on_an_existing_cluster(project):
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
     assert ran == ["check", "train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+
+
+def test_serve_variant_releases_the_retrained_model_to_a_running_server(project):
+    """The flow retrains hps-ew and releases it; the running ``mtl serve`` loads it without a
+    restart (it watches the release), and a variant that does not exist fails before any stage."""
+    with pytest.raises(UserError, match="serve_variant: 'nope'"):
+        pipeline(root=str(project), serve_variant="nope")
+    with serving(project) as (url, _):
+        before = httpx.get(f"{url}/ready").json()["model_sha256"]
+        ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
+                       serve_variant="hps-ew")
+        assert "train@hps-ew-0" in ran
+        after = hashlib.sha256((project / MODEL).read_bytes()).hexdigest()
+        assert after != before
+        wait_for(lambda: httpx.get(f"{url}/ready").json()["model_sha256"] == after, 15,
+                 "the server to load the released model")
 
 
 # Deployments on a server and worker that pipelines/serve.sh starts (as `make serve` does).

@@ -23,7 +23,7 @@ from mtl.config import load_params
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData, predict
-from mtl.stages import augment, ingest, split, train
+from mtl.stages import augment, export, ingest, split, train
 from mtl.stages import predict as predict_stage
 from tests.helpers import REPO
 from tests.test_faults import read_only
@@ -156,6 +156,43 @@ def test_int8_export_reports_a_small_metric_change(project, monkeypatch, fmt):
         assert abs(report["change"][task]["accuracy"]) <= 0.05
     assert abs(report["change"]["body_mass"]["mae"]) <= 0.05 * report["float"]["body_mass"]["mae"]
     assert max(report["max_abs_output_diff"].values()) > 0  # the weights did change
+
+
+def test_pruning_zeroes_the_smallest_linear_weights_over_all_layers_for_good(bundle):
+    model = bundle.model
+    pruned = export.pruned(model, 0.5)
+    linears = [(m, p) for m, p in zip(model.modules(), pruned.modules()) if isinstance(m, torch.nn.Linear)]
+    before = torch.cat([m.weight.detach().flatten() for m, _ in linears])
+    after = torch.cat([p.weight.detach().flatten() for _, p in linears])
+    zero = after == 0
+    assert zero.sum().item() == round(0.5 * before.numel())  # half of all Linear weights...
+    assert before[zero].abs().max() <= before[~zero].abs().min()  # ...those of smallest magnitude
+    assert len({(p.weight == 0).float().mean().item() for _, p in linears}) > 1  # ranked globally
+    assert torch.equal(after[~zero], before[~zero]) and not (before == 0).all()  # the rest kept
+    assert all(not hasattr(p, "weight_orig") and not p._forward_pre_hooks for _, p in linears)
+    assert all(torch.equal(b.bias, a.bias) for b, a in linears)
+    assert (torch.cat([m.weight.detach().flatten() for m, _ in linears]) == before).all()  # a copy
+
+
+def test_prune_export_zeroes_weights_and_reports_the_metric_change_also_with_int8(project, monkeypatch):
+    path = project / "out" / "pruned.pt"
+    result = mtl(project, monkeypatch, "export", "-v", VARIANT, "-f", "torchscript", "--prune", "0.6",
+                 "-o", str(path))
+    assert result.exit_code == 0, result.output
+    assert "pruned 0.6" in result.output and "change" in result.output
+    weights = [p for n, p in torch.jit.load(str(path)).named_parameters() if n.endswith("weight") and p.dim() == 2]
+    assert (torch.cat([w.flatten() for w in weights]) == 0).float().mean() > 0.5
+    report = json.loads(Path(f"{path}.metrics.json").read_text())
+    assert max(report["max_abs_output_diff"].values()) > 1e-3  # the outputs did change
+    assert json.loads(Path(f"{path}.json").read_text())["prune"] == 0.6
+    both = project / "out" / "pruned-int8.onnx"
+    result = mtl(project, monkeypatch, "export", "-v", VARIANT, "-f", "onnx", "--prune", "0.6", "--int8",
+                 "-o", str(both))
+    assert result.exit_code == 0, result.output
+    assert "onnx int8 pruned 0.6" in result.output
+    spec = json.loads(Path(f"{both}.json").read_text())
+    assert (spec["prune"], spec["int8"]) == (0.6, True)
+    assert set(json.loads(Path(f"{both}.metrics.json").read_text())) >= {"float", "exported", "change"}
 
 
 @pytest.mark.parametrize("args,names", [

@@ -33,7 +33,7 @@ SAVED = {"arch": str, "tasks": [TASK],
                                       "vocabularies": [[str]]},
                           "text": (type(None), dict), "image": (type(None), dict)},
          "layers": {"hidden": [int], "head_hidden": [int], "dropout": NUMBER},
-         "encoder": dict, "info": dict, "state_dict": dict}
+         "encoder": dict, "info": dict, "versions": dict, "state_dict": dict}
 # The structure of the training state ``mtl.engine.trainer.fit`` writes after every epoch.
 RUN_STATE = {"options": dict, "epoch": int, "stopped": bool, "model": dict, "weighting": dict,
              "optimizer": {"state": dict, "param_groups": list},
@@ -60,6 +60,7 @@ class Bundle:
     layers: dict  # hidden, head_hidden, dropout, options: keyword arguments of archs.build
     info: dict  # anything JSON-like worth keeping (weighting, seed, epochs, ...)
     encoder: dict = field(default_factory=dict)  # dim, text_dim, image_channels: FeatureEncoder kwargs
+    versions: dict = field(default_factory=dict)  # of mtl, torch and Python that saved a loaded bundle
 
     @classmethod
     def create(cls, arch: str, tasks: list[Task], preprocessor: Preprocessor,
@@ -109,6 +110,7 @@ class Bundle:
         with _field("state_dict"):
             bundle.model.load_state_dict(saved["state_dict"])
         bundle.model.to(device)
+        bundle.versions = saved["versions"]
         return bundle
 
 

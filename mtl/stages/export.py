@@ -1,9 +1,9 @@
 """``mtl export``: a trained variant's network -> a TorchScript or ONNX file that runs without
-this package, optionally with int8 weights, plus two JSON files next to it:
+this package, optionally pruned and with int8 weights, plus two JSON files next to it:
 
 - ``<PATH>.json``: the inputs (names, dtypes, shapes), the outputs (one raw tensor per task, in
-  task order) and how to read them (classes, regression mean and std), and the preprocessing
-  state that turns a table into the inputs;
+  task order) and how to read them (classes, regression mean and std), the preprocessing
+  state that turns a table into the inputs, and the SHA-256 of the ``model.pt`` it came from;
 - ``<PATH>.metrics.json``: the test-split metrics of the float model and of the exported file
   (as ``evaluate`` computes them), and their change.
 
@@ -13,12 +13,14 @@ architectures); ONNX from ``torch.onnx.export``'s torch.export-based exporter, r
 onnxruntime. ``int8``: dynamic quantization of the Linear layers, int8 weights per output
 channel and activations quantized at run time; embeddings and convolutions stay float.
 TorchScript uses ``torch.ao.quantization.quantize_dynamic``, ONNX onnxruntime's
-``quantize_dynamic`` (MatMul and Gemm)."""
+``quantize_dynamic`` (MatMul and Gemm). ``--prune``: global magnitude pruning of the Linear
+weights (see ``pruned``), before int8 when both are asked for."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import tempfile
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from mtl import paths
 from mtl.config import Params
@@ -62,11 +65,14 @@ class Exported(nn.Module):
 
 
 def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: Path,
-        int8: bool = False) -> None:
+        int8: bool = False, prune_amount: float | None = None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    if prune_amount is not None and not 0 < prune_amount < 1:
+        raise UserError(f"--prune: {prune_amount} is not a fraction of the weights (between 0 and 1)")
     output = Path(output)
     bundle = load_model(params, variant, seed)
+    source = paths.model_dir(variant, params.seeds[0] if seed is None else int(seed)) / "model.pt"
     test_path = paths.split_path("test")
     table = read_table(test_path)
     check_labelled(table, test_path, params, bundle)
@@ -74,7 +80,10 @@ def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: 
         raise UserError(f"{test_path}: export needs at least 2 test rows to trace and measure")
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
     names = list(data.inputs)
-    model = Exported(bundle.model.eval(), names, [t.name for t in bundle.tasks])
+    network = bundle.model.eval()
+    if prune_amount is not None:
+        network = pruned(network, prune_amount)
+    model = Exported(network, names, [t.name for t in bundle.tasks])
     example = tuple(v[:EXAMPLE_ROWS] for v in data.inputs.values())
     with atomic_path(output) as tmp, _quiet():
         if fmt == "onnx":
@@ -84,11 +93,33 @@ def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: 
         exported = _in_chunks(runner, tuple(data.inputs.values()))
         reference = predict(bundle.model, data.inputs)
         report = _compare(bundle, data, reference, dict(zip(model.tasks, exported)))
-        write_json(_describe(bundle, data, fmt, int8, output.name), f"{output}.json")
+        described = _describe(bundle, data, fmt, int8, output.name)
+        write_json(described | {"prune": prune_amount, "model_sha256": sha256_file(source)},
+                   f"{output}.json")
         write_json(report, f"{output}.metrics.json")
     print(_table(report))
-    print(f"export@{variant}: {fmt}{' int8' if int8 else ''} -> {output}, {output}.json, "
-          f"{output}.metrics.json")
+    how = f"{' int8' if int8 else ''}{f' pruned {prune_amount:g}' if prune_amount else ''}"
+    print(f"export@{variant}: {fmt}{how} -> {output}, {output}.json, {output}.metrics.json")
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, in hex: what ties an export to the model it came from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def pruned(model: nn.Module, amount: float) -> nn.Module:
+    """A copy of ``model`` whose Linear weights of smallest magnitude, the fraction ``amount`` of
+    all Linear weights ranked together, are zero for good: global magnitude pruning
+    (``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``, then ``prune.remove``).
+    Han et al. 2015 ("Learning both Weights and Connections") retrain after pruning; this is
+    one-shot, without retraining, so the metric change is the cost of pruning alone. Biases,
+    embeddings and convolutions are kept."""
+    model = copy.deepcopy(model)
+    weights = [(m, "weight") for m in model.modules() if isinstance(m, nn.Linear)]
+    prune.global_unstructured(weights, prune.L1Unstructured, amount=amount)
+    for module, name in weights:
+        prune.remove(module, name)
+    return model
 
 
 def _torchscript(model: Exported, example: tuple, path: Path, int8: bool) -> Runner:
@@ -102,12 +133,8 @@ def _torchscript(model: Exported, example: tuple, path: Path, int8: bool) -> Run
 
 
 def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: bool) -> Runner:
-    try:
-        import onnxruntime
+    with needs_extra("--format onnx"):
         from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise UserError("--format onnx needs the optional extra 'export' "
-                        "(pip install -c constraints.txt -e '.[export]')") from None
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} | ({1: torch.export.Dim("tokens")} if name == "text" else {})
                    for name in names)
@@ -119,9 +146,30 @@ def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: b
         if int8:
             quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul", "Gemm"])
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return onnx_runner(str(path), names)
+
+
+def onnx_runner(model: str | bytes, names: list[str], threads: int = 0) -> Runner:
+    """An exported ONNX file (its path or its bytes), run with onnxruntime on the CPU with
+    ``threads`` threads (0: onnxruntime's default); ``names``: the input keys in the file's
+    order. Needs ``onnxruntime`` (see ``needs_extra``)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return lambda tensors: [torch.from_numpy(out) for out in session.run(
         None, {f"input_{n}": t.numpy() for n, t in zip(names, tensors)})]
+
+
+@contextlib.contextmanager
+def needs_extra(option: str) -> Iterator[None]:
+    """One line naming ``option`` and the optional extra for a missing ONNX package."""
+    try:
+        yield
+    except ImportError:
+        raise UserError(f"{option} needs the optional extra 'export' "
+                        "(pip install -c constraints.txt -e '.[export]')") from None
 
 
 def _in_chunks(runner: Runner, tensors: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -13,22 +13,27 @@ and, for classification, ``<task>:p:<class>``, the probability of each class; fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch import nn
 
 from mtl import paths
 from mtl.config import Params
+from mtl.engine.checkpoint import Bundle
 from mtl.engine.tasks import Task
-from mtl.engine.trainer import predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table
 from mtl.stages.trained import check_features, load_model
 
 CHUNK_ROWS = 4096
+
+Forward = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # inputs -> raw outputs
+Columns = dict[str, np.ndarray | pa.Array]
 
 
 def run(params: Params, variant: str, seed: str | int | None, input_path: Path,
@@ -43,18 +48,42 @@ def run(params: Params, variant: str, seed: str | int | None, input_path: Path,
         writer = None
         for start in range(0, max(table.num_rows, 1), CHUNK_ROWS):
             chunk = table.slice(start, CHUNK_ROWS)
-            outputs = predict(bundle.model, bundle.preprocessor.transform(chunk))
             columns = {id_column: chunk[id_column]} if id_column else {}
-            for task in bundle.tasks:
-                columns |= task_columns(task, outputs[task.name])
-            batch = pa.table(columns)
+            batch = pa.table(columns | predictions(bundle, chunk))
             writer = writer or pq.ParquetWriter(tmp, batch.schema)
             writer.write_table(batch)
         writer.close()
     print(f"predict@{variant}: {table.num_rows} rows -> {output}")
 
 
-def task_columns(task: Task, out: torch.Tensor) -> dict[str, np.ndarray]:
+def predictions(bundle: Bundle, rows: pa.Table, forward: Forward | None = None) -> Columns:
+    """Every task's output columns for ``rows`` (a table with the model's feature columns): the
+    one prediction path of ``mtl predict`` and ``mtl serve``. ``forward`` maps the model's
+    inputs to its raw outputs (default: the torch module, under ``torch.inference_mode``)."""
+    outputs = (forward or torch_forward(bundle.model))(bundle.preprocessor.transform(rows))
+    return decode(bundle.tasks, outputs)
+
+
+def torch_forward(model: nn.Module) -> Forward:
+    """The module, in evaluation mode and without autograd, as a ``Forward``."""
+    model.eval()
+
+    def forward(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            return model(inputs)
+
+    return forward
+
+
+def decode(tasks: list[Task], outputs: dict[str, torch.Tensor]) -> Columns:
+    """The output columns of every task, from the raw outputs of a batch."""
+    columns: Columns = {}
+    for task in tasks:
+        columns |= task_columns(task, outputs[task.name])
+    return columns
+
+
+def task_columns(task: Task, out: torch.Tensor) -> Columns:
     """One task's output columns for a chunk of raw model outputs."""
     p = task.decode(out).double().numpy()
     if task.kind == "regression":

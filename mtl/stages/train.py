@@ -123,7 +123,8 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
                     "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
                     "device": str(device), "processes": distributed.world()[0],
-                    "precision": precision, "deterministic": cfg.deterministic}
+                    "precision": precision, "deterministic": cfg.deterministic,
+                    "inputs_sha256": inputs}
     warnings = early_best(variant, seed, result.best_epochs, result.epochs_run)
     stats = {"train_seconds": round(seconds, 2), "n_train": len(train), "n_val": len(val),
              "warnings": warnings}
