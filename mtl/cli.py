@@ -69,6 +69,16 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def use_threads(count: int) -> None:
+    """Run torch on ``count`` CPU threads: intra-op, and inter-op where torch still allows it
+    (only before its first parallel work)."""
+    import torch
+
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(count)
+
+
 def run_stage(name: str, params: Path, set_: list[str] | None) -> None:
     """Load and check the params (a bad file writes nothing, not even a lock), then run
     ``mtl.stages.<name>`` holding the stage's lock."""
@@ -117,6 +127,7 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        use_threads(loaded.threads(variant))
         main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the lock
         for s in seeds_of(loaded, seed):
             with stage_lock(f"train@{variant}-{s}") if main else contextlib.nullcontext():
@@ -133,6 +144,7 @@ def evaluate(variant: VariantOption, seed: SeedOption = None,
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        use_threads(loaded.threads())
         for s in seeds_of(loaded, seed):
             with stage_lock(f"evaluate@{variant}-{s}"):
                 stage.run(loaded, variant, s)
@@ -160,7 +172,9 @@ def predict(variant: VariantOption,
     with user_errors():
         from mtl.stages import predict as stage
 
-        stage.run(load_params(params, set_), variant, seed, input_, output)
+        loaded = load_params(params, set_)
+        use_threads(loaded.threads())
+        stage.run(loaded, variant, seed, input_, output)
 
 
 @app.command()
@@ -175,7 +189,9 @@ def export(variant: VariantOption,
     with user_errors():
         from mtl.stages import export as stage
 
-        stage.run(load_params(params, set_), variant, seed, format_, output, int8)
+        loaded = load_params(params, set_)
+        use_threads(loaded.threads())
+        stage.run(loaded, variant, seed, format_, output, int8)
 
 
 @app.command()
