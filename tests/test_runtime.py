@@ -17,6 +17,7 @@ from mtl.cli import app
 from mtl.config import cpu_count, load_params
 from mtl.errors import UserError
 from mtl.stages import encoded, train
+from mtl.stages.progress import Rows
 from pipelines.schedule import stage_threads, startable
 from tests.helpers import REPO, env
 
@@ -63,6 +64,26 @@ def test_the_flows_run_side_by_side_only_the_stages_whose_threads_fit_in_the_cor
     assert startable([1] * 5, busy=0, cores=float("inf")) == 5  # dask: another machine's cores
 
 
+# --- progress ------------------------------------------------------------------------------------
+
+def test_a_data_stage_prints_a_line_every_ten_seconds_and_a_summary_in_a_log(capsys, monkeypatch):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    now = [100.0]
+    with Rows("ingest", clock=lambda: now[0]) as progress:
+        for _ in range(7):  # a batch of 250,000 rows every 4 s
+            now[0] += 4.0
+            progress.add(250_000)
+    assert capsys.readouterr().out.splitlines() == [
+        "ingest: 750,000 rows, 62,500 rows/s",  # after 12 s
+        "ingest: 1,500,000 rows, 62,500 rows/s",  # after 24 s
+        "ingest: 1,750,000 rows in 28.0 s (62,500 rows/s)"]
+    with pytest.raises(UserError), Rows("split", clock=lambda: now[0]) as progress:
+        progress.add(10)
+        raise UserError("a bad split")
+    assert capsys.readouterr().out == ""  # no summary for a stage that failed
+
+
 # --- threads applied and recorded, progress in a pipe ---------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -85,6 +106,23 @@ def mtl(root: Path, *args: str) -> subprocess.CompletedProcess:
                             env=env() | {"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr
     return result
+
+
+def test_data_stages_in_a_pipe_print_rows_and_rows_per_second(project):
+    outputs = json.loads((project / "outputs.json").read_text())
+    for stage, rows in (("ingest", 344), ("augment", 574), ("split", 574)):
+        first = outputs[stage].splitlines()[0]
+        assert first.startswith(f"{stage}: {rows} rows in ") and first.endswith(" rows/s)")
+        assert "\x1b" not in outputs[stage]  # no terminal control codes in a log
+
+
+def test_train_in_a_pipe_prints_one_line_per_epoch(project):
+    out = json.loads((project / "outputs.json").read_text())["train"]
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    for line in epochs:
+        assert ", val species/accuracy " in line and ", val body_mass/mae " in line
+        assert line.endswith(" s") and "\x1b" not in line
 
 
 def test_train_runs_on_the_threads_params_give_and_records_them(project):
