@@ -160,3 +160,22 @@ def test_the_thread_count_is_part_of_the_resume_fingerprint(project, monkeypatch
     finally:
         torch.set_num_threads(before)
     assert len(stamps) == 2
+
+
+# --- start-up: what a stage imports ---------------------------------------------------------------
+
+UNUSED_BY_EVALUATE = ("torchmetrics", "transformers", "scipy", "torchjd", "cvxpy", "matplotlib",
+                      "dvclive", "pyarrow.dataset")
+
+
+def test_evaluate_imports_none_of_the_packages_it_does_not_use(project):
+    """``mtl evaluate`` computes its metrics without torchmetrics (which imports scipy, and
+    transformers when installed) and loads no weighting solver, plot or logger (BENCHMARKS.md)."""
+    code = ("import atexit, runpy, sys\n"
+            f"atexit.register(lambda: print([m for m in {UNUSED_BY_EVALUATE} if m in sys.modules]))\n"
+            f"sys.argv = ['mtl', 'evaluate', '--variant', '{VARIANT}', '--seed', '0']\n"
+            "runpy.run_module('mtl', run_name='__main__')\n")
+    result = subprocess.run(["python", "-c", code], cwd=project, capture_output=True, text=True,
+                            check=False, env=env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

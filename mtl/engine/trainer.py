@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,9 @@ from torch.optim import lr_scheduler
 from mtl.engine import distributed
 from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
-from mtl.engine.weighting import Step, Weighting
+
+if TYPE_CHECKING:  # fit imports it: torchjd and its solvers are no cost to evaluate and predict
+    from mtl.engine.weighting import Step, Weighting
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step", "plateau")
@@ -274,6 +277,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     remaining gradients are averaged before the optimizer step, as with accumulation. Only
     rank 0 calls ``on_epoch`` and writes the checkpoint; every process reads it to resume.
     """
+    from mtl.engine.weighting import Step
+
     device = next(model.parameters()).device
     processes, rank = distributed.world()
     if len(train) == 0:
