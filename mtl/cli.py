@@ -69,6 +69,16 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def use_threads(count: int) -> None:
+    """Run torch on ``count`` CPU threads: intra-op, and inter-op where torch still allows it
+    (only before its first parallel work)."""
+    import torch
+
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(count)
+
+
 def run_stage(name: str, params: Path, set_: list[str] | None) -> None:
     """Load and check the params (a bad file writes nothing, not even a lock), then run
     ``mtl.stages.<name>`` holding the stage's lock."""
@@ -117,6 +127,7 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        use_threads(loaded.threads(variant))
         main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the lock
         for s in seeds_of(loaded, seed):
             with stage_lock(f"train@{variant}-{s}") if main else contextlib.nullcontext():
@@ -143,6 +154,7 @@ def evaluate(variant: Annotated[str | None, typer.Option(
         from mtl.stages.common import seeds_of
 
         loaded = load_params(params, set_)
+        use_threads(loaded.threads())
         if input_ is not None or output is not None:
             stage.score_file(loaded, input_, output, variant, seed)
             return
@@ -176,7 +188,9 @@ def predict(variant: VariantOption,
     with user_errors():
         from mtl.stages import predict as stage
 
-        stage.run(load_params(params, set_), variant, seed, input_, output)
+        loaded = load_params(params, set_)
+        use_threads(loaded.threads())
+        stage.run(loaded, variant, seed, input_, output)
 
 
 @app.command()
@@ -194,7 +208,9 @@ def export(variant: VariantOption,
     with user_errors():
         from mtl.stages import export as stage
 
-        stage.run(load_params(params, set_), variant, seed, format_, output, int8, prune)
+        loaded = load_params(params, set_)
+        use_threads(loaded.threads())
+        stage.run(loaded, variant, seed, format_, output, int8, prune)
 
 
 @app.command()
@@ -215,16 +231,18 @@ def serve(variant: VariantOption, seed: OneSeedOption = None,
           batch_wait_ms: Annotated[float, typer.Option(
               "--batch-wait-ms", help="How long a request waits for others to batch with "
                                       "(0: only those already waiting).")] = 0.0,
-          threads: Annotated[int, typer.Option(
-              "--threads", help="torch's (and onnxruntime's) threads in each worker.")] = 1,
+          threads: Annotated[int | None, typer.Option(
+              "--threads", help="torch's (and onnxruntime's) threads in each worker; "
+                                "default: runtime.threads of the params.")] = None,
           params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
     """Serve a trained variant over HTTP: POST /predict answers every task for JSON rows;
     GET /health, /ready, /metadata, /docs; POST /reload loads the model trained since."""
     with user_errors():
         from mtl.serving import server
 
-        server.run(load_params(params, set_), variant, seed, host, port, workers, backend, onnx,
-                   max_rows, batch_wait_ms if batching else None, threads)
+        loaded = load_params(params, set_)
+        server.run(loaded, variant, seed, host, port, workers, backend, onnx, max_rows,
+                   batch_wait_ms if batching else None, threads or loaded.threads())
 
 
 @app.command()

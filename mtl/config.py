@@ -7,11 +7,20 @@ one-line message names the offending key.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mtl.engine import ARCH_OPTIONS, ARCHITECTURES, TASK_KINDS, WEIGHTING_OPTIONS, WEIGHTINGS
 from mtl.errors import UserError
@@ -22,6 +31,30 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # task and variant names bec
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _thread_count(value: object) -> object:
+    if value == "auto" or (type(value) is int and value >= 1):
+        return value
+    raise ValueError(f"expected a positive integer or 'auto', not {value!r}")
+
+
+Threads = Annotated[int | Literal["auto"], BeforeValidator(_thread_count)]
+"""Torch's CPU threads in a stage process: a positive integer, or ``auto``: every CPU the process
+may run on."""
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask, which taskset or a container sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class RuntimeConfig(Section):
+    """How every stage process runs."""
+
+    threads: Threads = 1
+    """Torch's CPU threads (intra- and inter-op) in each stage that runs torch; ``train.threads``
+    overrides it for training. Results on CPU can depend on it (convolutions' gradients do)."""
 
 
 class TaskSpec(Section):
@@ -250,6 +283,8 @@ class TrainConfig(Section):
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss is NaN or infinite: stop with an error naming the task, epoch and step,
     or skip it (no update; an epoch with every step skipped still stops)."""
+    threads: Threads | None = None
+    """Torch's CPU threads while training; ``null`` = ``runtime.threads``."""
 
     @field_validator("hidden", "head_hidden")
     @classmethod
@@ -338,6 +373,7 @@ class Params(Section):
     encoders: EncodersConfig = EncodersConfig()
     compare: CompareConfig = CompareConfig()
     sweep: SweepConfig = SweepConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
@@ -374,6 +410,13 @@ class Params(Section):
         if task is not None and (task not in tasks or self.data.tasks[task].kind not in ("binary", "multiclass")):
             raise ValueError(f"augment.interpolate_task: '{task}' is not a binary or multiclass task")
         return self
+
+    def threads(self, variant: str | None = None) -> int:
+        """Torch's CPU threads for a stage: ``train.threads`` of ``variant`` (its overrides
+        applied) when set, else ``runtime.threads``; ``auto`` is every CPU this process may use."""
+        chosen = self.variant_train(variant).threads if variant is not None else None
+        chosen = self.runtime.threads if chosen is None else chosen
+        return cpu_count() if chosen == "auto" else chosen
 
     def variant_train(self, name: str) -> TrainConfig:
         """The ``train`` section with ``variants.<name>.train`` overrides applied."""

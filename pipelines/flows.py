@@ -81,7 +81,7 @@ def up_to_date(project: Path, retries: int, runner: str, workers: int | None,
         logger.warning("dvc.lock was unreadable (%s): restored the copy kept before the last "
                        "commit (%s)", problem, dvc.GOOD_LOCK)
     ran = bring_up_to_date(project, task_runner(runner, workers, dask_address), retries,
-                           workers, cap_threads=runner != "dask")
+                           share_cores=runner != "dask")
     logger.info("up to date; ran %d stage(s): %s", len(ran), ", ".join(ran) or "none")
     return ran
 

@@ -21,17 +21,15 @@ def _not_stopped(task, task_run, state) -> bool:
 
 
 @task(name="stage", task_run_name="{name}", retry_condition_fn=_not_stopped)
-def run_stage(name: str, commands: list[str], root: str, threads: int | None = None) -> None:
+def run_stage(name: str, commands: list[str], root: str) -> None:
     """Run a stage's commands in ``root`` with ``/bin/sh -c``, one after the other, as DVC runs
     them (with ``DVC_ROOT`` and ``DVC_STAGE`` set). Each line of output (stdout and stderr) goes to
     the flow's log as it is printed, prefixed with the stage name. A failure names the stage and
-    its last ``error:`` line; a stage killed by a signal is not retried. ``threads`` caps torch's
-    threads."""
+    its last ``error:`` line; a stage killed by a signal is not retried. Each stage sets its own
+    torch threads from params.yaml (``runtime.threads``, ``train.threads``)."""
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1", "DVC_ROOT": root, "DVC_STAGE": name}
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     for command in commands:
         _stream(name, command, root, env)
 

@@ -3,6 +3,7 @@ accumulation, checkpoints and bit-identical resume, deterministic mode, precisio
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -256,14 +257,20 @@ def test_bf16_is_refused_off_cuda(data, tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def test_progress_bar_is_silent_unless_stdout_is_a_terminal(data, capsys, monkeypatch):
+def test_progress_is_a_bar_on_a_terminal_and_one_line_per_epoch_otherwise(data, capsys, monkeypatch):
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     fit(model(), TASKS, weighting.build("ew", NAMES), data, data, options(epochs=2, progress=True))
-    assert capsys.readouterr() == ("", "")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert re.fullmatch(r"epoch 2/2: loss [\d.]+, val [\d.]+, val kind/accuracy [\d.]+, "
+                        r"val flag/accuracy [\d.]+, val size/mae [\d.]+, [\d.]+ s", lines[1])
+    fit(model(), TASKS, weighting.build("ew", NAMES), data, data, options(epochs=2))
+    assert capsys.readouterr() == ("", "")  # progress=False
     monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat stdout as a terminal
     fit(model(), TASKS, weighting.build("ew", NAMES), data, data, options(epochs=2, progress=True))
-    assert "2/2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2/2" in out and "epoch 2/2:" not in out
 
 
 @pytest.mark.slow

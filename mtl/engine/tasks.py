@@ -1,5 +1,5 @@
 """Task kinds: how target columns become a tensor with a label mask, the loss averaged over
-labelled entries only, and the test metrics (torchmetrics).
+labelled entries only, and the test metrics (``mtl.engine.metrics``).
 
 A multilabel task reads one 0/1 column per label; its targets and mask are [rows, labels], each
 (row, label) entry labelled or not on its own."""
@@ -12,21 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional import (
-    mean_absolute_error,
-    mean_squared_error,
-    r2_score,
-)
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    multiclass_accuracy,
-    multiclass_auroc,
-    multiclass_f1_score,
-    multilabel_accuracy,
-    multilabel_auroc,
-    multilabel_f1_score,
-)
+
+from mtl.engine import metrics
 
 
 @dataclass(frozen=True)
@@ -91,39 +78,24 @@ class Task:
 
     def metrics(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """Test metrics over labelled rows (entries), regression in the target's original units;
-        multilabel metrics are macro averages over the labels."""
+        multilabel metrics are macro averages over the labels (``mtl.engine.metrics``)."""
         if self.kind == "multilabel":
             if not mask.any():
                 return {}
-            n, p, labels = len(self.classes), out.float().sigmoid(), torch.where(mask, y.long(), -1)
-            return {"accuracy": float(multilabel_accuracy(p, labels, n, average="macro", ignore_index=-1)),
-                    "f1_macro": float(multilabel_f1_score(p, labels, n, average="macro", ignore_index=-1)),
-                    "auroc": float(multilabel_auroc(p, labels, n, average="macro", ignore_index=-1))}
+            return metrics.multilabel(out.float().sigmoid(), torch.where(mask, y.long(), -1))
         out, y = out[mask].float(), y[mask]
         if len(y) == 0:
             return {}
+        if self.kind == "regression":
+            return metrics.regression(self.decode(out), y * self.std + self.mean)
         if self.kind == "multiclass":
-            n, probs = len(self.classes), out.softmax(dim=1)
-            values = {
-                "accuracy": multiclass_accuracy(probs, y, n, average="micro"),
-                "f1_macro": multiclass_f1_score(probs, y, n, average="macro"),
-                "auroc": multiclass_auroc(probs, y, n, average="macro"),
-            }
-        elif self.kind == "binary":
-            p, labels = out[:, 0].sigmoid(), y.long()
-            values = {
-                "accuracy": binary_accuracy(p, labels),
-                "f1_macro": multiclass_f1_score(torch.stack([1 - p, p], 1), labels, 2, average="macro"),
-                "auroc": binary_auroc(p, labels),
-            }
-        else:
-            pred, true = self.decode(out), y * self.std + self.mean
-            values = {
-                "mae": mean_absolute_error(pred, true),
-                "rmse": mean_squared_error(pred, true, squared=False),
-                "r2": r2_score(pred, true) if len(y) > 1 else torch.tensor(float("nan")),
-            }
-        return {k: float(v) for k, v in values.items()}
+            probs = out.softmax(dim=1)
+            pred, auroc = probs.argmax(dim=1), metrics.auroc_macro(probs, F.one_hot(y, len(self.classes)))
+        else:  # binary: the positive class is classes[1]
+            p, y = out[:, 0].sigmoid(), y.long()
+            pred, auroc = (p > 0.5).long(), metrics.auroc(p, y == 1)
+        return {"accuracy": metrics.accuracy(pred, y),
+                "f1_macro": metrics.f1_macro(pred, y, len(self.classes)), "auroc": auroc}
 
     def decode(self, out: torch.Tensor) -> torch.Tensor:
         """Model output -> class (label) probabilities (classification) or values in original units."""

@@ -12,15 +12,15 @@ import copy
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
@@ -28,7 +28,9 @@ from torch.optim import lr_scheduler
 from mtl.engine import distributed
 from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
-from mtl.engine.weighting import Step, Weighting
+
+if TYPE_CHECKING:  # fit imports it: torchjd and its solvers are no cost to evaluate and predict
+    from mtl.engine.weighting import Step, Weighting
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step", "plateau")
@@ -95,7 +97,7 @@ class FitOptions:
     compile: bool = False
     deterministic: bool = False
     nonfinite: str = "stop"  # a step with a non-finite task loss: stop | skip
-    progress: bool = True  # a progress bar over epochs, shown only when stdout is a terminal
+    progress: bool = True  # a bar on a terminal, otherwise one line per epoch
 
 
 @dataclass
@@ -275,6 +277,8 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     remaining gradients are averaged before the optimizer step, as with accumulation. Only
     rank 0 calls ``on_epoch`` and writes the checkpoint; every process reads it to resume.
     """
+    from mtl.engine.weighting import Step
+
     device = next(model.parameters()).device
     processes, rank = distributed.world()
     if len(train) == 0:
@@ -308,9 +312,10 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     sync = ddp.no_sync if average else contextlib.nullcontext
     epoch = start - 1
     main = rank == 0
-    with deterministic_algorithms(options.deterministic, device), _progress(options.progress and main) as bar:
-        status = bar.add_task("epoch", total=options.epochs, completed=start, status="")
+    with (deterministic_algorithms(options.deterministic, device),
+          _progress(options.progress and main, options.epochs, start) as report):
         for epoch in range(start, start if stopped else options.epochs):
+            began = time.perf_counter()
             model.train()
             lr = optimizer.param_groups[0]["lr"]
             step_losses, step_weights = [], []  # stacked once per epoch, not summed per step
@@ -395,8 +400,7 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
                     "best": [{"loss": b[0], "epoch": b[1], "state": b[2]} for b in best],
                     "rng": _rng_states(generator, device), "skipped": skipped,
                 }, Path(checkpoint))
-            bar.update(status, advance=1,
-                       status=f"loss {sum(means[0]):.4g}  val {val_loss:.4g}  lr {lr:.3g}")
+            report(epoch, log, time.perf_counter() - began)
             if stopped:
                 break
     result = FitResult(epochs_run=epoch + 1, resumed_at=start, skipped_steps=skipped)
@@ -461,11 +465,53 @@ def _nonfinite(tasks: Sequence[Task], losses: list[float], epoch: int, step: int
     return f"in task '{tasks[t].name}' at epoch {epoch}, step {step} ({losses[t]})"
 
 
-def _progress(enabled: bool) -> Progress:
+@contextlib.contextmanager
+def _progress(enabled: bool, epochs: int, start: int) -> Iterator[Callable[[int, EpochLog, float], None]]:
+    """``report(epoch, log, seconds)`` after each epoch: a rich progress bar when stdout is a
+    terminal; otherwise (a log, a pipe) one line per epoch (``_epoch_line``)."""
+    from rich.console import Console
+
     console = Console()
-    return Progress(TextColumn("epoch"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[status]}"), console=console,
-                    disable=not (enabled and console.is_terminal))
+    if not enabled:
+        yield lambda epoch, log, seconds: None
+        return
+    if not console.is_terminal:
+        yield lambda epoch, log, seconds: print(_epoch_line(epoch, epochs, log, seconds), flush=True)
+        return
+    from rich import progress as rp
+
+    with rp.Progress(rp.TextColumn("epoch"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                     rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[status]}"),
+                     console=console) as bar:
+        task = bar.add_task("epoch", total=epochs, completed=start, status="")
+
+        def report(epoch: int, log: EpochLog, seconds: float) -> None:
+            status = (f"loss {_sum(log, 'train/loss/'):.4g}  val {_sum(log, 'val/loss/'):.4g}  "
+                      f"lr {log['lr']:.3g}")
+            bar.update(task, advance=1, status=status)
+
+        yield report
+
+
+def _sum(log: EpochLog, prefix: str) -> float:
+    values = [v for k, v in log.items() if k.startswith(prefix)]
+    return sum(values) if values else math.nan
+
+
+def _epoch_line(epoch: int, epochs: int, log: EpochLog, seconds: float) -> str:
+    """One epoch as a line of text: epochs done, the summed training and validation losses,
+    each task's first validation metric and the epoch's seconds, e.g. ``epoch 3/150: loss
+    1.234, val 1.456, val species/accuracy 0.9512, val body_mass/mae 301.2, 0.21 s``."""
+    parts, tasks = [f"loss {_sum(log, 'train/loss/'):.4g}"], set()
+    if any(key.startswith("val/") for key in log):
+        parts.append(f"val {_sum(log, 'val/loss/'):.4g}")
+    for key, value in log.items():
+        kind, _, metric = key.partition("/")
+        task = metric.split("/")[0]
+        if kind == "val" and task != "loss" and task not in tasks:
+            tasks.add(task)
+            parts.append(f"val {metric} {value:.4g}")
+    return f"epoch {epoch + 1}/{epochs}: " + ", ".join([*parts, f"{seconds:.2f} s"])
 
 
 def _save_atomically(state: dict, path: Path) -> None:

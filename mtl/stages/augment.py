@@ -25,6 +25,7 @@ from mtl.config import Params
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
+from mtl.stages.progress import Rows
 from mtl.stages.split import assign, require_split_column
 
 
@@ -37,11 +38,12 @@ def run(params: Params) -> None:
     n_rows = pq.read_metadata(paths.INGESTED).num_rows
     check_schema(schema, scan.schema.names, n_rows)
     n_out = 0
-    with atomic_path(paths.AUGMENTED) as tmp:
+    with atomic_path(paths.AUGMENTED) as tmp, Rows("augment") as progress:
         writer = RowGroupWriter(tmp, _with_source(scan.schema.empty_table(), False).schema)
         for part in stream(scan, schema, params):
             writer.write(part)
             n_out += part.num_rows
+            progress.add(part.num_rows)
         writer.close()
     print(f"augment: {n_rows} rows + {n_out - n_rows} augmented -> {paths.AUGMENTED}")
 

@@ -1,6 +1,7 @@
 """evaluate@<variant>-<seed>: a trained model and the test split -> per-task test metrics
 (``metrics/variants/<variant>/seed-<seed>.json``; accuracy, macro-F1 and AUROC for classification, MAE, RMSE
-and R² for regression, computed with torchmetrics over labelled rows only).
+and R² for regression, over labelled rows only, as torchmetrics defines them:
+``mtl.engine.metrics``).
 
 ``score_file`` (``mtl evaluate --input FILE --output OUT.json``) scores any labelled file with the
 same ``score``, for every variant and seed at once."""

@@ -26,6 +26,7 @@ from mtl.errors import UserError
 from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers
 from mtl.sources import scan_source
 from mtl.stages.common import as_flags, as_kind
+from mtl.stages.progress import Rows
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -36,13 +37,15 @@ BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_
 def run(params: Params) -> None:
     remove_leftovers(paths.INGESTED, paths.SCHEMA)
     scan = scan_source(params.data.source)
-    with atomic_paths(paths.INGESTED, paths.SCHEMA) as (table_tmp, schema_tmp):  # both or neither
+    with (atomic_paths(paths.INGESTED, paths.SCHEMA) as (table_tmp, schema_tmp),  # both or neither
+          Rows("ingest") as progress):
         writer: RowGroupWriter | None = None
 
         def write(table: pa.Table) -> None:
             nonlocal writer
             writer = writer or RowGroupWriter(table_tmp, table.schema)
             writer.write(table)
+            progress.add(table.num_rows)
 
         schema = ingest(scan, params.data, write, params.split.column)
         writer.close()

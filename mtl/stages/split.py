@@ -22,6 +22,7 @@ from mtl.config import Params, SplitConfig
 from mtl.errors import UserError
 from mtl.io import RowGroupWriter, atomic_paths, remove_leftovers, scan_table
 from mtl.stages.common import require_columns
+from mtl.stages.progress import Rows
 
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 M1, M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -122,7 +123,8 @@ def run(params: Params) -> None:
     kinds = [t.target for t in params.data.tasks.values() if t.kind in ("binary", "multiclass")]
     classes = {name: {c: set() for c in kinds} for name in paths.SPLITS}
     n_aug = 0
-    with atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps:
+    with (atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps,
+          Rows("split") as progress):
         writers = {name: RowGroupWriter(tmp, scan.schema) for name, tmp in zip(paths.SPLITS, tmps)}
         for batch in scan.batches():
             declared = batch.column(params.split.column) if params.split.column else None
@@ -137,6 +139,7 @@ def run(params: Params) -> None:
                 for c in kinds:
                     classes[name][c].update(pc.unique(part[c]).to_pylist())
                 writer.write(part)
+            progress.add(batch.num_rows)
         check(counts, labelled, classes, params)
         for writer in writers.values():
             writer.close()

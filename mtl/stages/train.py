@@ -123,8 +123,8 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
     bundle.info |= {"epochs_run": result.epochs_run, "best_epochs": result.best_epochs,
                     "resumed_at_epoch": result.resumed_at, "skipped_steps": result.skipped_steps,
                     "device": str(device), "processes": distributed.world()[0],
-                    "precision": precision, "deterministic": cfg.deterministic,
-                    "inputs_sha256": inputs}
+                    "threads": torch.get_num_threads(), "precision": precision,
+                    "deterministic": cfg.deterministic, "inputs_sha256": inputs}
     warnings = early_best(variant, seed, result.best_epochs, result.epochs_run)
     stats = {"train_seconds": round(seconds, 2), "n_train": len(train), "n_val": len(val),
              "warnings": warnings}
@@ -265,12 +265,13 @@ def publish(work: Path, variant: str, seed: int, bundle: Bundle, stats: dict,
 
 
 def fingerprint(params: Params, variant: str, seed: int, data_key: str) -> str:
-    """SHA-256 of everything a training run depends on: its params, its data (``data_key``:
-    ``encoded.data_fingerprint``, of the splits, schema, encoders and engine code) and this
-    stage's code."""
+    """SHA-256 of everything a training run depends on: its params, torch's thread count (CPU
+    results can depend on it), its data (``data_key``: ``encoded.data_fingerprint``, of the
+    splits, schema, encoders and engine code) and this stage's code."""
     digest = hashlib.sha256(data_key.encode())
     config = {"variant": params.variants[variant].model_dump(), "seed": seed,
-              "train": params.variant_train(variant).model_dump()}
+              "train": params.variant_train(variant).model_dump(),
+              "threads": torch.get_num_threads()}
     digest.update(json.dumps(config, sort_keys=True).encode())
     digest.update(encoded.file_digest(Path(__file__)))
     return digest.hexdigest()
