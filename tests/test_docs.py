@@ -11,7 +11,8 @@ import pytest
 from markdown_it import MarkdownIt
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+PAGES = [REPO / "README.md", REPO / "BENCHMARKS.md", REPO / "data/raw/README.md",
+         *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def slug(heading: str) -> str:
