@@ -206,11 +206,15 @@ def test_a_declared_split_is_honoured_and_appended_rows_keep_it(tmp_path):
 
 # --- a bad params.yaml never costs an output -------------------------------------------------------
 
-def outputs(root: Path) -> dict[str, str]:
-    """The content of every output of the stages of dvc.yaml (and of dvc.lock), by path. Stages
-    that no longer exist (a seed another test added, then removed) keep their dvc.lock entries,
-    but their files are not outputs: `dvc exp run` cleans them up."""
-    stages = set(run(["dvc", "stage", "list", "--name-only"], root).stdout.split())
+def stage_names(root: Path) -> set[str]:
+    """The stages of dvc.yaml under the current params (ask before breaking params.yaml)."""
+    return set(run(["dvc", "stage", "list", "--name-only"], root).stdout.split())
+
+
+def outputs(root: Path, stages: set[str]) -> dict[str, str]:
+    """The content of every output of ``stages`` that dvc.lock records (and of dvc.lock), by
+    path. Stages that no longer exist (a seed another test added, then removed) keep their
+    dvc.lock entries, but their files are not outputs: `dvc exp run` cleans them up."""
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     outs = [root / out["path"] for name in stages & set(lock) for out in lock[name].get("outs", [])]
     files = [f for out in outs for f in ([out] if out.is_file() else out.rglob("*"))]
@@ -220,21 +224,23 @@ def outputs(root: Path) -> dict[str, str]:
 
 def test_a_bad_params_file_stops_dvc_repro_before_any_output_is_deleted(restored_params):
     root = restored_params
-    before = outputs(root)
+    stages = stage_names(root)
+    before = outputs(root, stages)
     edit_params(root, lambda p: p["train"].update(lr="fast"))
     result = run(["dvc", "repro"], root, check=False)
     assert result.returncode != 0
     assert "error: params.yaml: train.lr: Input should be a valid number" in result.stderr
     assert re.findall(r"Running stage '([^']+)'", result.stdout) == ["check"]
-    assert outputs(root) == before
+    assert outputs(root, stages) == before
 
 
 def test_dvc_exp_run_with_a_bad_value_deletes_no_output(restored_params):
     root = restored_params
-    before = outputs(root)
+    stages = stage_names(root)
+    before = outputs(root, stages)
     result = run(["dvc", "exp", "run", "-S", "train.lr=fast"], root, check=False)
     assert result.returncode != 0 and "error: params.yaml: train.lr" in result.stderr
-    assert outputs(root) == before
+    assert outputs(root, stages) == before
     assert "lr: fast" in (root / "params.yaml").read_text()  # DVC leaves its change (README)
 
 
@@ -252,7 +258,8 @@ def test_a_hostile_variant_name_runs_no_shell_command(restored_params):
 
 def test_make_run_refuses_an_alias_bomb_in_seconds_before_dvc_starts(restored_params):
     root = restored_params
-    before = outputs(root)
+    stages = stage_names(root)
+    before = outputs(root, stages)
     bomb = ["lol: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     bomb += [f"l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
     (root / "params.yaml").write_text((root / "params.yaml").read_text() + "\n".join(bomb) + "\n")
@@ -264,4 +271,4 @@ def test_make_run_refuses_an_alias_bomb_in_seconds_before_dvc_starts(restored_pa
     assert result.returncode != 0
     assert "error: params.yaml: more than 100,000 values once its aliases are expanded" in result.stderr
     assert "dvc repro" not in result.stdout
-    assert outputs(root) == before
+    assert outputs(root, stages) == before
