@@ -15,7 +15,6 @@ writes bench/results/data-scale-<host>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -29,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import busy_cpu_s, cpu_model
+from bench.engine import busy_cpu_s, cpu_model, save_result
 from bench.synthetic import TASKS
 from bench.synthetic import write as write_synthetic
 from mtl.io import BATCH_ROWS
@@ -124,10 +123,8 @@ def main() -> None:
           f"{summary['ingest_split_vs_two_baselines']:.2f}× two baseline passes; peak RSS "
           f"{summary['peak_rss_mib']:,} MiB. Load average {machine['load_average_before']:.2f} before, "
           f"{machine['load_average_after']:.2f} after; total {machine['total_s']} s.")
-    out = REPO / "bench" / "results" / f"data-scale-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                               "batch_rows": BATCH_ROWS, "runs": runs, "summary": summary}, indent=2) + "\n")
+    save_result("data-scale", {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                            "batch_rows": BATCH_ROWS, "runs": runs, "summary": summary})
 
 
 if __name__ == "__main__":

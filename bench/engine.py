@@ -171,6 +171,14 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def save_result(name: str, result: dict) -> Path:
+    """Write ``result`` to ``bench/results/<name>-<host>.json``, the file BENCHMARKS.md cites."""
+    out = REPO / "bench" / "results" / f"{name}-{platform.node() or 'host'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
 class Machine:
     """The machine a torch benchmark runs on, and how busy other processes keep it meanwhile:
     ``info`` at the start, completed by ``finish()``."""
@@ -231,10 +239,8 @@ def main() -> None:
     print(f"\nTotal {machine['total_s']} s; other processes kept {machine['other_load_cores']:.2f} "
           f"cores busy on average (load average {machine['load_average_before']:.2f} before, "
           f"{machine['load_average_after']:.2f} after).")
-    out = REPO / "bench" / "results" / f"engine-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "args": vars(args), "loops": loops,
-                               "methods": methods}, indent=2) + "\n")
+    save_result("engine", {"machine": machine, "args": vars(args), "loops": loops,
+                            "methods": methods})
 
 
 if __name__ == "__main__":

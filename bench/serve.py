@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -50,7 +49,7 @@ from fastapi.responses import JSONResponse
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import Machine
+from bench.engine import Machine, save_result
 from mtl.engine.checkpoint import Bundle
 from mtl.stages.trained import feature_columns
 from tests.helpers import env
@@ -228,9 +227,8 @@ def main() -> None:
     info |= {"servers_cores": round(servers, 2),
              "other_load_cores": round(info["other_load_cores"] - servers, 2)}
     print(json.dumps(info))
-    out = REPO / "bench" / "results" / f"serve-{platform.node() or 'host'}.json"
-    out.write_text(json.dumps({"machine": info, "seconds": args.seconds, "repeats": args.repeats,
-                               "medians": medians}, indent=1) + "\n")
+    save_result("serve", {"machine": info, "seconds": args.seconds, "repeats": args.repeats,
+                            "medians": medians})
 
 
 if __name__ == "__main__":

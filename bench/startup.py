@@ -17,9 +17,7 @@ Prints Markdown tables (medians) and writes bench/results/startup-<host>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import Machine
+from bench.engine import Machine, save_result
 from bench.threads import children_cpu_s
 
 EVALUATE = ["evaluate", "--variant", "hps-ew", "--seed", "0"]
@@ -126,9 +124,7 @@ def main() -> None:
     print(f"\nTotal {info['total_s']} s; other processes kept {info['other_load_cores']:.2f} cores "
           f"busy on average (load average {info['load_average_before']:.2f} before, "
           f"{info['load_average_after']:.2f} after).")
-    out = REPO / "bench" / "results" / f"startup-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "args": vars(args), "result": result}, indent=2) + "\n")
+    save_result("startup", {"machine": info, "args": vars(args), "result": result})
 
 
 if __name__ == "__main__":

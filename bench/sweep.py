@@ -12,7 +12,6 @@ bench/results/sweep-<host>.json. Starts its own Prefect server on loopback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -26,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import cpu_model
+from bench.engine import cpu_model, save_result
 from tests.helpers import env
 from tests.test_pipeline_dvc import commit, copy_project, edit_params
 
@@ -91,9 +90,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['repeat']} | {row['sequential']:.1f} | {row['parallel']:.1f} | {row['speedup']:.2f}× |")
-    out = REPO / "bench" / "results" / f"sweep-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "epochs": args.epochs, "rows": rows}, indent=2) + "\n")
+    save_result("sweep", {"machine": machine, "epochs": args.epochs, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import Machine
+from bench.engine import Machine, save_result
 from mtl import paths
 from mtl.config import Params, apply_override
 from mtl.io import read_json
@@ -177,9 +176,8 @@ def main() -> None:
                 print(f"{case} / {setting}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
             text += table(case, results[case], kinds) + "\n"
     command = shlex.join(["python", "bench/text.py", *sys.argv[1:]])
-    out = REPO / "bench" / "results" / f"text-{socket.gethostname()}.json"
-    out.write_text(json.dumps({"command": command, "machine": machine.finish(), "args": vars(args),
-                               "settings": SETTINGS, "results": results}, indent=1) + "\n")
+    save_result("text", {"command": command, "machine": machine.finish(), "args": vars(args),
+                            "settings": SETTINGS, "results": results})
     print(text + f"Regenerate: `{command}`; {machine.info['total_s'] / 60:.1f} min on "
           f"{machine.info['cpu']} (other load {machine.info['other_load_cores']} cores).")
 

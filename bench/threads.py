@@ -22,9 +22,7 @@ Prints a Markdown table and writes bench/results/threads-<host>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +35,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import MIXED, Machine, synthetic
+from bench.engine import MIXED, Machine, save_result, synthetic
 from mtl.engine import archs, weighting
 from mtl.engine.encoders import TabularEncoder
 from mtl.engine.image import SmallCNN
@@ -157,11 +155,9 @@ def main() -> None:
               f"cores busy on average, the script's busy loops {info['busy_loop_cores']:.2f} "
               f"(load average {info['load_average_before']:.2f} before, "
               f"{info['load_average_after']:.2f} after).")
-    out = REPO / "bench" / "results" / f"threads-{platform.node() or 'host'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "idle": {"machine": idle_machine, "ms_per_step": idle},
-                               "busy": {"machine": busy_machine, "ms_per_step": loaded}},
-                              indent=2) + "\n")
+    save_result("threads", {"args": vars(args),
+                            "idle": {"machine": idle_machine, "ms_per_step": idle},
+                            "busy": {"machine": busy_machine, "ms_per_step": loaded}})
 
 
 if __name__ == "__main__":

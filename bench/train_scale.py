@@ -25,8 +25,6 @@ towers. Prints Markdown tables and writes bench/results/train-scale-<rows>-<host
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,6 +43,7 @@ from bench.engine import (
     label,
     method_step,
     print_loops,
+    save_result,
     trainer_epoch,
 )
 from bench.synthetic import write as write_synthetic
@@ -169,10 +168,10 @@ def main() -> None:
     for m, r in per_method.items():
         print(f"| {m} | {r['ratio']:.2f}× | {r['step_ms']:.1f} |")
     print(f"\nTotal {machine['total_s']} s; other processes kept {machine['other_load_cores']:.2f} cores busy.")
-    out = REPO / "bench" / "results" / f"train-scale-{rows}-{platform.node() or 'host'}.json"
-    out.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                               "fit_s": fit_s, "encode_s": encode_s, "encoded_mib": encoded_mib,
-                               "memory_mib": memory, "epoch": epoch, "methods": per_method}, indent=2) + "\n")
+    save_result(f"train-scale-{rows}", {
+        "machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "fit_s": fit_s,
+        "encode_s": encode_s, "encoded_mib": encoded_mib, "memory_mib": memory, "epoch": epoch,
+        "methods": per_method})
 
 
 if __name__ == "__main__":
