@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from bench.engine import Machine, save_result
 from mtl.engine.checkpoint import Bundle
 from mtl.stages.trained import feature_columns
-from tests.helpers import env
+from tests.helpers import env, free_port
 
 VARIANT = "hps-ew"
 SERVERS = {"torch": [], "torch, no batching": ["--no-batching"],
@@ -106,12 +105,6 @@ def children_cpu_s() -> float:
     """CPU seconds of the child processes that ended (the servers, once stopped)."""
     times = os.times()
     return times.children_user + times.children_system
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(root: Path) -> tuple[dict[str, str], dict[str, subprocess.Popen]]:

@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.engine import cpu_model, save_result
-from tests.helpers import env
+from tests.helpers import env, free_port
 from tests.test_pipeline_dvc import commit, copy_project, edit_params
 
 
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     server_env = env() | {"PREFECT_HOME": str(home), "PREFECT_API_URL": url}
     process = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -1,6 +1,7 @@
 """Shared test helpers: where the repository is, and how to run the real CLI and DVC."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,10 @@ def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedP
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,19 +34,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from mtl.errors import UserError
 from pipelines.flows import pipeline
 from pipelines.stage import StageStopped
-from tests.helpers import env, run
+from tests.helpers import env, free_port, run
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params, repro
 from tests.test_serve import MODEL, serving
 
 pytestmark = pytest.mark.slow
 STAGES = {"check", "ingest", "augment", "split", "compare", "report",
           *(f"{s}@{v}-0" for s in ("train", "evaluate") for v in ("stl", "hps-ew", "hps-static"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,19 @@ def test_the_thread_count_is_part_of_the_resume_fingerprint(project, monkeypatch
     assert len(stamps) == 2
 
 
+
+@pytest.mark.parametrize("width", ["encoders.dim=8", "encoders.hashing.dim=4",
+                                   "encoders.image_channels=[8]"])
+def test_a_model_width_keeps_the_encoded_splits_but_not_the_resume_fingerprint(project, monkeypatch,
+                                                                              width):
+    """The encoded splits depend on the preprocessing only; a training run on all of encoders."""
+    monkeypatch.chdir(project)
+    before, after = load_params(), load_params(overrides=[width])
+    assert encoded.data_fingerprint(before) == encoded.data_fingerprint(after)
+    key = encoded.data_fingerprint(before)
+    assert train.fingerprint(before, VARIANT, 0, key) != train.fingerprint(after, VARIANT, 0, key)
+    assert encoded.data_fingerprint(load_params(overrides=["encoders.hashing.buckets=64"])) != key
+
 # --- start-up: what a stage imports ---------------------------------------------------------------
 
 UNUSED_BY_EVALUATE = ("torchmetrics", "transformers", "scipy", "torchjd", "cvxpy", "matplotlib",

@@ -32,16 +32,10 @@ from mtl.config import load_params
 from mtl.engine.checkpoint import Bundle
 from mtl.serving.batching import Batcher
 from mtl.stages import encoded, export, train
-from tests.helpers import env
+from tests.helpers import env, free_port
 from tests.test_predict_export import VARIANT, mtl, new_rows, project  # noqa: F401 (a fixture)
 
 MODEL = paths.model_dir(VARIANT, 0) / "model.pt"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

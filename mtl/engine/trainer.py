@@ -469,12 +469,12 @@ def _nonfinite(tasks: Sequence[Task], losses: list[float], epoch: int, step: int
 def _progress(enabled: bool, epochs: int, start: int) -> Iterator[Callable[[int, EpochLog, float], None]]:
     """``report(epoch, log, seconds)`` after each epoch: a rich progress bar when stdout is a
     terminal; otherwise (a log, a pipe) one line per epoch (``_epoch_line``)."""
-    from rich.console import Console
-
-    console = Console()
     if not enabled:
         yield lambda epoch, log, seconds: None
         return
+    from rich.console import Console
+
+    console = Console()
     if not console.is_terminal:
         yield lambda epoch, log, seconds: print(_epoch_line(epoch, epochs, log, seconds), flush=True)
         return

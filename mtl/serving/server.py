@@ -14,7 +14,7 @@ from mtl.config import Params
 from mtl.errors import UserError
 from mtl.serving import app, release
 from mtl.serving.model import BACKENDS, MODEL, Source, load, read
-from mtl.stages.common import seeds_of
+from mtl.stages.trained import model_path
 
 
 def run(params: Params, variant: str, seed: int | None, host: str, port: int, workers: int,
@@ -36,8 +36,7 @@ def run(params: Params, variant: str, seed: int | None, host: str, port: int, wo
 
 def source(params: Params, variant: str, seed: int | None, onnx: Path | None) -> Source:
     """What to serve; one line for an unknown variant or seed, a missing model or export."""
-    params.variant_train(variant)  # an unknown variant fails here
-    seed = seeds_of(params, None if seed is None else [seed])[0]
+    seed, _ = model_path(params, variant, seed)
     what = Source(variant, seed, None if onnx is None else str(onnx))
     for name, path in what.paths().items():
         if not path.is_file():

@@ -111,7 +111,11 @@ def run(params: Params) -> None:
             for variant in params.variants}
     base_runs = runs[params.compare.baseline]
     used = delta_m_metrics(params, {task: list(ms) for task, ms in base_runs[0].items()})
-    table = {variant: compare_runs(per_seed, base_runs, used, params.compare.alpha)
+    base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
+                 for task, ms in base_runs[0].items()}
+    base_dm = [delta_m(r, base_mean, used) for r in base_runs]
+    table = {variant: compare_runs(per_seed, base_runs, base_mean, base_dm, used,
+                                   params.compare.alpha)
              for variant, per_seed in runs.items()}
     write_json(table, paths.COMPARE_JSON)
     write_json(summary(table, used), paths.SUMMARY_JSON)
@@ -130,12 +134,11 @@ def read_run(variant: str, seed: int, params: Params) -> dict[str, dict[str, flo
     return read_metrics(path, list(params.data.tasks))
 
 
-def compare_runs(per_seed: list[dict], base_runs: list[dict], used: dict[str, list[str]],
-                 alpha: float) -> dict:
+def compare_runs(per_seed: list[dict], base_runs: list[dict], base_mean: dict,
+                 base_dm: list[float | None], used: dict[str, list[str]], alpha: float) -> dict:
     """One variant's row of compare.json: Δm (with its per-seed values) and every task metric,
-    each summarised against the baseline's runs."""
-    base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
-                 for task, ms in base_runs[0].items()}
+    each summarised against the baseline's runs (``base_mean``: their mean per task metric;
+    ``base_dm``: their own Δm per seed)."""
     missing = {"mean": None, "std": None, "p": None, "within_noise": None}
     tasks = {}
     for task, ms in per_seed[0].items():
@@ -146,7 +149,6 @@ def compare_runs(per_seed: list[dict], base_runs: list[dict], used: dict[str, li
             tasks[task][metric] = (missing if any(v is None for v in values + base)
                                    else summarise(values, base, alpha))
     dms = [delta_m(r, base_mean, used) for r in per_seed]
-    base_dm = [delta_m(r, base_mean, used) for r in base_runs]
     delta = missing if None in dms + base_dm else summarise(dms, base_dm, alpha)
     return {"delta_m": delta | {"per_seed": [_round(d) for d in dms]}, "tasks": tasks}
 

@@ -40,10 +40,18 @@ def file_digest(path: Path) -> bytes:
         return hashlib.file_digest(file, "sha256").digest()
 
 
+def preprocessing(params: Params) -> dict:
+    """The ``encoders`` settings that ``Preprocessor.fit`` reads; the rest (the widths
+    ``encoders.dim``, ``hashing.dim`` and ``image_channels``) shape only the model."""
+    enc = params.encoders
+    return {"text": enc.text, "hashing": enc.hashing.model_dump(exclude={"dim"})}
+
+
 def data_fingerprint(params: Params) -> str:
-    """SHA-256 of what the encoded splits depend on."""
+    """SHA-256 of what the encoded splits depend on (not the model's widths: a change of those
+    trains again on the same encoded splits)."""
     digest = hashlib.sha256()
-    config = {"encoders": params.encoders.model_dump(),
+    config = {"encoders": preprocessing(params),
               "tasks": {k: v.model_dump() for k, v in params.data.tasks.items()}}
     digest.update(json.dumps(config, sort_keys=True).encode())
     for path in [paths.split_path("train"), paths.split_path("val"), paths.SCHEMA, Path(__file__),
@@ -92,10 +100,8 @@ def _fit(params: Params, schema: dict) -> tuple[Preprocessor, list[Task]]:
                 moments.update(batch[column].to_numpy(zero_copy_only=False).astype("float64"))
             yield batch
 
-    enc = params.encoders
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-        preprocessor = Preprocessor.fit(chunks(), schema["features"], enc.text,
-                                        enc.hashing.model_dump(exclude={"dim"}))
+        preprocessor = Preprocessor.fit(chunks(), schema["features"], **preprocessing(params))
     p = preprocessor.tabular
     moments = [*zip(p.numeric, p.means, p.stds), *((c, m.mean, m.std) for c, m in targets.items())]
     for column, mean, std in moments:

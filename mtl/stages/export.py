@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import tempfile
@@ -39,7 +38,7 @@ from mtl.engine.trainer import TaskData, predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table, write_json
 from mtl.stages.predict import CHUNK_ROWS
-from mtl.stages.trained import check_labelled, load_model
+from mtl.stages.trained import check_labelled, load_model_file
 
 FORMATS = ("torchscript", "onnx")
 EXAMPLE_ROWS = 8  # rows of the test split traced through the network
@@ -64,15 +63,14 @@ class Exported(nn.Module):
         return tuple(outputs[name] for name in self.tasks)
 
 
-def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: Path,
+def run(params: Params, variant: str, seed: int | None, fmt: str, output: Path,
         int8: bool = False, prune_amount: float | None = None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
     if prune_amount is not None and not 0 < prune_amount < 1:
         raise UserError(f"--prune: {prune_amount} is not a fraction of the weights (between 0 and 1)")
     output = Path(output)
-    bundle = load_model(params, variant, seed)
-    source = paths.model_dir(variant, params.seeds[0] if seed is None else int(seed)) / "model.pt"
+    bundle, model_sha256 = load_model_file(params, variant, seed)
     test_path = paths.split_path("test")
     table = read_table(test_path)
     check_labelled(table, test_path, params, bundle)
@@ -94,17 +92,12 @@ def run(params: Params, variant: str, seed: str | int | None, fmt: str, output: 
         reference = predict(bundle.model, data.inputs)
         report = _compare(bundle, data, reference, dict(zip(model.tasks, exported)))
         described = _describe(bundle, data, fmt, int8, output.name)
-        write_json(described | {"prune": prune_amount, "model_sha256": sha256_file(source)},
+        write_json(described | {"prune": prune_amount, "model_sha256": model_sha256},
                    f"{output}.json")
         write_json(report, f"{output}.metrics.json")
     print(_table(report))
     how = f"{' int8' if int8 else ''}{f' pruned {prune_amount:g}' if prune_amount else ''}"
     print(f"export@{variant}: {fmt}{how} -> {output}, {output}.json, {output}.metrics.json")
-
-
-def sha256_file(path: Path) -> str:
-    """The SHA-256 of a file's bytes, in hex: what ties an export to the model it came from."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def pruned(model: nn.Module, amount: float) -> nn.Module:

@@ -13,6 +13,7 @@ and, for classification, ``<task>:p:<class>``, the probability of each class; fo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mtl import paths
 from mtl.config import Params
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.tasks import Task
+from mtl.engine.trainer import predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table
 from mtl.stages.trained import check_features, load_model
@@ -36,7 +38,7 @@ Forward = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # inputs
 Columns = dict[str, np.ndarray | pa.Array]
 
 
-def run(params: Params, variant: str, seed: str | int | None, input_path: Path,
+def run(params: Params, variant: str, seed: int | None, input_path: Path,
         output: Path) -> None:
     if Path(output).suffix != ".parquet":
         raise UserError(f"--output: '{output}' must end in .parquet")
@@ -44,35 +46,30 @@ def run(params: Params, variant: str, seed: str | int | None, input_path: Path,
     table = read_table(input_path)
     check_features(table, input_path, bundle.preprocessor)
     id_column = next((c for c in (params.data.id_column, paths.ID) if c in table.column_names), None)
+    forward = torch_forward(bundle.model)
     with atomic_path(output) as tmp:
         writer = None
         for start in range(0, max(table.num_rows, 1), CHUNK_ROWS):
             chunk = table.slice(start, CHUNK_ROWS)
             columns = {id_column: chunk[id_column]} if id_column else {}
-            batch = pa.table(columns | predictions(bundle, chunk))
+            batch = pa.table(columns | predictions(bundle, chunk, forward))
             writer = writer or pq.ParquetWriter(tmp, batch.schema)
             writer.write_table(batch)
         writer.close()
     print(f"predict@{variant}: {table.num_rows} rows -> {output}")
 
 
-def predictions(bundle: Bundle, rows: pa.Table, forward: Forward | None = None) -> Columns:
+def predictions(bundle: Bundle, rows: pa.Table, forward: Forward) -> Columns:
     """Every task's output columns for ``rows`` (a table with the model's feature columns): the
     one prediction path of ``mtl predict`` and ``mtl serve``. ``forward`` maps the model's
-    inputs to its raw outputs (default: the torch module, under ``torch.inference_mode``)."""
-    outputs = (forward or torch_forward(bundle.model))(bundle.preprocessor.transform(rows))
-    return decode(bundle.tasks, outputs)
+    inputs to its raw outputs (``torch_forward``, or the ONNX session)."""
+    return decode(bundle.tasks, forward(bundle.preprocessor.transform(rows)))
 
 
 def torch_forward(model: nn.Module) -> Forward:
-    """The module, in evaluation mode and without autograd, as a ``Forward``."""
-    model.eval()
-
-    def forward(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            return model(inputs)
-
-    return forward
+    """The module as a ``Forward``: ``trainer.predict``, the path evaluate takes too (evaluation
+    mode, no autograd)."""
+    return functools.partial(predict, model)
 
 
 def decode(tasks: list[Task], outputs: dict[str, torch.Tensor]) -> Columns:

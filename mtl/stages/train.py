@@ -265,12 +265,14 @@ def publish(work: Path, variant: str, seed: int, bundle: Bundle, stats: dict,
 
 
 def fingerprint(params: Params, variant: str, seed: int, data_key: str) -> str:
-    """SHA-256 of everything a training run depends on: its params, torch's thread count (CPU
-    results can depend on it), its data (``data_key``: ``encoded.data_fingerprint``, of the
-    splits, schema, encoders and engine code) and this stage's code."""
+    """SHA-256 of everything a training run depends on: its params (encoders included), torch's
+    thread count (CPU results can depend on it), its data (``data_key``:
+    ``encoded.data_fingerprint``, of the splits, schema, preprocessing and engine code) and this
+    stage's code."""
     digest = hashlib.sha256(data_key.encode())
     config = {"variant": params.variants[variant].model_dump(), "seed": seed,
               "train": params.variant_train(variant).model_dump(),
+              "encoders": params.encoders.model_dump(),
               "threads": torch.get_num_threads()}
     digest.update(json.dumps(config, sort_keys=True).encode())
     digest.update(encoded.file_digest(Path(__file__)))

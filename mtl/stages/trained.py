@@ -3,6 +3,8 @@ that use a model (evaluate, predict, export)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,15 +29,27 @@ def model_kinds(bundle: Bundle) -> dict[str, str]:
     return kinds | {column: task.kind for task in bundle.tasks for column in task.columns}
 
 
-def load_model(params: Params, variant: str, seed: int | None) -> Bundle:
-    """The trained model of ``variant`` and ``seed`` (default: the first of ``seeds``)."""
+def model_path(params: Params, variant: str, seed: int | None) -> tuple[int, Path]:
+    """The seed (default: the first of ``seeds``) and the ``model.pt`` of ``variant``; one line
+    for a variant or seed that params.yaml does not name."""
     params.variant_train(variant)  # an unknown variant fails here
     seed = params.seeds[0] if seed is None else seeds_of(params, [seed])[0]
-    path = paths.model_dir(variant, seed) / "model.pt"
+    return seed, paths.model_dir(variant, seed) / "model.pt"
+
+
+def load_model(params: Params, variant: str, seed: int | None) -> Bundle:
+    """The trained model of ``variant`` and ``seed`` (default: the first of ``seeds``)."""
+    return load_model_file(params, variant, seed)[0]
+
+
+def load_model_file(params: Params, variant: str, seed: int | None) -> tuple[Bundle, str]:
+    """``load_model``, and the SHA-256 of the file it read (once): what ties an export to it."""
+    seed, path = model_path(params, variant, seed)
     if not path.is_file():
         raise UserError(f"{path}: file not found (run 'mtl train --variant {variant} --seed {seed}' first)")
+    data = path.read_bytes()
     try:
-        return Bundle.load(path)
+        return Bundle.load(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
     except NotOurs as exc:
         raise UserError(f"{path} is not a model written by mtl-pipeline ({exc}); "
                         f"run 'mtl train --variant {variant} --seed {seed}' again") from None
