@@ -15,8 +15,6 @@ writes bench/results/data-scale-<host>.json.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import busy_cpu_s, cpu_model, save_result
+from bench.engine import Machine, save_result
 from bench.synthetic import TASKS
 from bench.synthetic import write as write_synthetic
 from mtl.io import BATCH_ROWS
@@ -42,12 +40,6 @@ with pq.ParquetWriter(sys.argv[2], source.schema_arrow, use_dictionary=dictionar
     for batch in source.iter_batches(batch_size={BATCH_ROWS}):
         writer.write_table(pa.Table.from_batches([batch]))
 """
-
-
-def spent_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def timed(args: list[str], cwd: Path) -> dict:
@@ -84,9 +76,7 @@ def main() -> None:
     if not table.exists():
         print(f"writing {table} ...", flush=True)
         write_synthetic(args.rows, str(table))
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "load_average_before": os.getloadavg()[0]}
-    start, busy, own = time.perf_counter(), busy_cpu_s(), spent_cpu_s()
+    measured = Machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = project(Path(tmp) / "big", table)
         runs = {"baseline": timed([sys.executable, "-c", BASELINE, str(table), str(Path(tmp) / "copy.parquet")], root)}
@@ -99,9 +89,7 @@ def main() -> None:
         runs["baseline_small"] = timed([sys.executable, "-c", BASELINE, str(small), str(Path(tmp) / "c.parquet")], root)
         runs["ingest_small"] = timed([str(MTL), "ingest"], root)
         runs["augment_copies_1"] = timed([str(MTL), "augment", "--set", "augment.copies=1"], root)
-    wall = time.perf_counter() - start
-    other = (busy_cpu_s() - busy - (spent_cpu_s() - own)) / wall  # cores kept busy by other processes
-    machine |= {"load_average_after": os.getloadavg()[0], "total_s": round(wall, 1)}
+    machine = measured.finish()  # the stages it ran are its children, not other load
     for name, run in runs.items():
         rows = args.aug_rows if name.endswith(("_small", "_1")) else args.rows
         run |= {"rows": rows, "rows_per_s": round(rows / run["wall_s"]),
@@ -110,7 +98,6 @@ def main() -> None:
     summary = {"ingest_split_rows_per_s": round(args.rows / both),
                "ingest_split_vs_two_baselines": round(both / (2 * runs["baseline"]["wall_s"]), 2),
                "peak_rss_mib": max(runs[s]["peak_rss_mib"] for s in ("ingest", "augment", "split"))}
-    machine["other_load_cores"] = round(other, 2)
 
     print(f"\nData stages on {machine['cpu']}, {machine['cores']} cores; table {table} "
           f"({args.rows:,} rows x 50 columns)\n")

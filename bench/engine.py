@@ -164,6 +164,12 @@ def own_cpu_s() -> float:
     return times.user + times.system
 
 
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended (and were waited for)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -181,20 +187,23 @@ def save_result(name: str, result: dict) -> Path:
 
 class Machine:
     """The machine a torch benchmark runs on, and how busy other processes keep it meanwhile:
-    ``info`` at the start, completed by ``finish()``."""
+    ``info`` at the start, completed by ``finish()``. The benchmark's own child processes (busy
+    loops, servers, stages it runs; ended by then) count as ``children_cores``, not as other load."""
 
     def __init__(self):
         self.info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "torch": str(torch.__version__), "python": platform.python_version(),
                      "load_average_before": os.getloadavg()[0]}
-        self._start, self._busy, self._own = time.perf_counter(), busy_cpu_s(), own_cpu_s()
+        self._start, self._busy = time.perf_counter(), busy_cpu_s()
+        self._own, self._children = own_cpu_s(), children_cpu_s()
 
     def finish(self) -> dict:
         wall = time.perf_counter() - self._start
+        children = (children_cpu_s() - self._children) / wall
         # Cores kept busy by anything but this benchmark: other processes, the hypervisor (steal).
-        other = (busy_cpu_s() - self._busy - (own_cpu_s() - self._own)) / wall
+        other = (busy_cpu_s() - self._busy - (own_cpu_s() - self._own)) / wall - children
         self.info |= {"load_average_after": os.getloadavg()[0], "other_load_cores": round(other, 2),
-                      "total_s": round(wall, 1)}
+                      "children_cores": round(children, 2), "total_s": round(wall, 1)}
         return self.info
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -99,12 +98,6 @@ def bare(root: Path, port: int) -> None:
         return JSONResponse({k: v.tolist() for k, v in outputs.items()})
 
     uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
-
-
-def children_cpu_s() -> float:
-    """CPU seconds of the child processes that ended (the servers, once stopped)."""
-    times = os.times()
-    return times.children_user + times.children_system
 
 
 def start(root: Path) -> tuple[dict[str, str], dict[str, subprocess.Popen]]:
@@ -204,7 +197,7 @@ def main() -> None:
         root = args.project or Path(scratch)
         if not args.project:
             prepare(root)
-        machine, children = Machine(), children_cpu_s()
+        machine = Machine()
         urls, processes = start(root)
         try:
             pids = {name: process.pid for name, process in processes.items()}
@@ -215,10 +208,7 @@ def main() -> None:
                 process.wait(timeout=30)
     print(table(medians))
     info = machine.finish()
-    # Machine counts the servers (child processes) as other load; take them out.
-    servers = (children_cpu_s() - children) / info["total_s"]
-    info |= {"servers_cores": round(servers, 2),
-             "other_load_cores": round(info["other_load_cores"] - servers, 2)}
+    info["servers_cores"] = info.pop("children_cores")
     print(json.dumps(info))
     save_result("serve", {"machine": info, "seconds": args.seconds, "repeats": args.repeats,
                             "medians": medians})

@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.engine import Machine, save_result
-from bench.threads import children_cpu_s
 
 EVALUATE = ["evaluate", "--variant", "hps-ew", "--seed", "0"]
 PACKAGES = ["torch", "torchmetrics", "transformers", "scipy.signal", "matplotlib", "torchjd",
@@ -107,12 +106,10 @@ def main() -> None:
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
         project(root)
-        machine, children = Machine(), children_cpu_s()
+        machine = Machine()
         result = measure({f"before ({args.before})": before, "after (this checkout)": REPO},
                          root, args.repeats)
         info = machine.finish()
-    ours = (children_cpu_s() - children) / info["total_s"]  # the stage processes it ran
-    info["other_load_cores"] = round(info["other_load_cores"] - ours, 2)
 
     names = [name for name in result if name != "runs"]
     print(f"Start-up on {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python "

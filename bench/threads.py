@@ -105,18 +105,13 @@ def measure(threads: list[int], repeats: int) -> dict:
     return result
 
 
-def children_cpu_s() -> float:
-    times = os.times()
-    return times.children_user + times.children_system
-
-
 def busy(cores: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
 
 
 def run(threads: list[int], repeats: int, load: bool) -> tuple[dict, dict]:
     """The measurements and the machine's record, with ``load``: a busy loop per core."""
-    before, machine = children_cpu_s(), Machine()
+    machine = Machine()
     loops = busy(len(os.sched_getaffinity(0))) if load else []
     try:
         result = measure(threads, repeats)
@@ -125,9 +120,7 @@ def run(threads: list[int], repeats: int, load: bool) -> tuple[dict, dict]:
             p.terminate()
             p.wait()
     info = machine.finish()
-    own_load = (children_cpu_s() - before) / info["total_s"]  # our busy loops, not others'
-    info |= {"busy_loops": len(loops), "busy_loop_cores": round(own_load, 2),
-             "other_load_cores": round(info["other_load_cores"] - own_load, 2)}
+    info |= {"busy_loops": len(loops), "busy_loop_cores": info.pop("children_cores")}
     return result, info
 
 
