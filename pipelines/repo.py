@@ -48,14 +48,15 @@ def upstream_stages(repo: Repo) -> dict[str, set[str]]:
         return {a.addressing: {b.addressing for b in graph.successors(a)} for a in graph}
 
 
-def check(repo: Repo, names: list[str]) -> dict[str, str]:
+def check(repo: Repo, names: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Check stages as ``dvc repro`` does when it reaches them: ``"up to date"``, ``"restored"``
     (the run-cache held a run with exactly these inputs: its outputs are checked out and the
     stage is recorded) or ``"stale"`` (its outputs are removed, as before ``dvc repro`` runs a
-    command). Call it only once every upstream stage is up to date."""
+    command). Returns the verdicts, and the commands of the stale stages as DVC runs them (``cmd``
+    is one command per line, or a list). Call it only once every upstream stage is up to date."""
     with lock_repo(repo):
         stages = {stage.addressing: stage for stage in repo.index.stages}
-        verdicts = {}
+        verdicts, stale = {}, {}
         for name in names:
             stage = stages[name]
             if not stage.changed():
@@ -66,17 +67,11 @@ def check(repo: Repo, names: list[str]) -> dict[str, str]:
             except RunCacheNotFoundError:
                 stage.remove_outs(ignore_remove=False, force=False)
                 verdicts[name] = "stale"
+                stale[name] = stage.cmd if isinstance(stage.cmd, list) else stage.cmd.splitlines()
                 continue
             record(repo, name)
             verdicts[name] = "restored"
-        return verdicts
-
-
-def commands(repo: Repo, name: str) -> list[str]:
-    """A stage's commands (``cmd`` is one command per line, or a list), as DVC runs them."""
-    with lock_repo(repo):
-        cmd = repo.stage.get_target(name).cmd
-    return cmd if isinstance(cmd, list) else cmd.splitlines()
+        return verdicts, stale
 
 
 def record(repo: Repo, name: str) -> None:

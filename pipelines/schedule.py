@@ -43,8 +43,7 @@ def bring_up_to_date(root: Path, runner: TaskRunner, retries: int, share_cores: 
         ran, failures = [], []
         while waiting or running:
             if not failures:
-                for name in _settle(repo, upstream, waiting, done):
-                    commands = dvc.commands(repo, name)
+                for name, commands in _settle(repo, upstream, waiting, done).items():
                     ready.append((name, commands, stage_threads(params, commands)))
             start = startable([t for *_, t in ready], sum(t for _, t in running.values()), cores)
             for name, commands, threads in ready[:start]:
@@ -93,15 +92,16 @@ def stage_threads(params: Params, commands: list[str]) -> int:
 
 
 def _settle(repo: Repo, upstream: dict[str, set[str]], waiting: set[str],
-            done: set[str]) -> list[str]:
+            done: set[str]) -> dict[str, list[str]]:
     """Check every waiting stage whose upstream stages are all done, again and again as stages
-    found up to date or restored unblock others; return the stale ones."""
-    stale: list[str] = []
+    found up to date or restored unblock others; return the stale ones with their commands."""
+    stale: dict[str, list[str]] = {}
     while ready := sorted(n for n in waiting if upstream[n] <= done):
         waiting.difference_update(ready)
-        for name, verdict in dvc.check(repo, ready).items():
+        verdicts, commands = dvc.check(repo, ready)
+        stale |= commands
+        for name, verdict in verdicts.items():
             if verdict == "stale":
-                stale.append(name)
                 continue
             done.add(name)
             if verdict == "restored":
