@@ -30,10 +30,13 @@ running() { ps -e -o pgid=,stat= | awk -v groups=" $* " 'index(groups, " " $1 " 
 # STOP_TIMEOUT seconds. It is paused while its processes are listed, so that it starts no flow
 # run meanwhile, and listed again while it stops (a run it was starting).
 stop_one() {
-  local name=$1 file="$run_dir/$1.pid" pid group groups="" waited=0
+  local name=$1 file="$run_dir/$1.pid" pid args group groups="" waited=0
   [ -f "$file" ] || return 0
   pid=$(cat "$file")
-  if ps -o args= -p "$pid" | grep -q "prefect $name start"; then
+  args=$(ps -ww -o args= -p "$pid" || true)  # -ww: whole line, whatever COLUMNS says
+  if [[ "$args" != *"prefect $name start"* ]]; then
+    echo "no $name to stop: process $pid (from $file) is ${args:-gone}" >&2
+  else
     kill -STOP "$pid"
     while :; do
       for group in $(process_groups "$pid"); do

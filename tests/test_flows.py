@@ -32,14 +32,15 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from mtl.errors import UserError
-from pipelines.flows import pipeline
+from pipelines.flows import pipeline, tune
 from pipelines.stage import StageStopped
 from tests.helpers import env, free_port, run
 from tests.test_pipeline_dvc import FAST, commit, copy_project, edit_params, repro
 from tests.test_serve import MODEL, serving
 
 pytestmark = pytest.mark.slow
-STAGES = {"check", "ingest", "augment", "split", "compare", "report",
+STAGES = {"check", "ingest", "augment", "split", "reference", "compare", "report", "tune-baseline",
+          *(f"tune@{v}" for v in ("stl", "hps-ew", "hps-static")),
           *(f"{s}@{v}-0" for s in ("train", "evaluate") for v in ("stl", "hps-ew", "hps-static"))}
 
 
@@ -123,7 +124,8 @@ def test_each_stage_starts_when_its_own_inputs_are_ready(project):
     (project / "params.yaml").write_text("# a user's note\n" + (project / "params.yaml").read_text())
     ran, flow_run_id = flow_run(pipeline, root=str(project), overrides=[
         "variants.hps-ew.train.lr=0.01", "variants.hps-static.train.epochs=100"])
-    assert set(ran) == {"check", "train@hps-ew-0", "train@hps-static-0", "evaluate@hps-ew-0",
+    assert set(ran) == {"check", "tune@hps-ew", "tune@hps-static", "train@hps-ew-0",
+                        "train@hps-static-0", "evaluate@hps-ew-0",
                         "evaluate@hps-static-0", "compare", "report"}
     runs = task_runs(flow_run_id)
     assert runs["evaluate@hps-ew-0"].start_time < runs["train@hps-static-0"].end_time
@@ -215,7 +217,8 @@ def test_a_sweep_leaves_the_project_alone_and_reuses_its_runs(project, server):
     assert sorted(result) == ["sweep-mmoe-ew", "sweep-mmoe-uw"]
     assert all(delta["mean"] is not None for delta in result.values())
     # ingest, split and the baseline are restored from the project's run-cache, not run again
-    assert set(task_runs(UUID(flow_run_id))) == {"check", "compare", "report", *(
+    assert set(task_runs(UUID(flow_run_id))) == {"check", "compare", "report", "tune@sweep-mmoe-ew",
+                                                 "tune@sweep-mmoe-uw", *(
         f"{s}@sweep-mmoe-{w}-0" for s in ("train", "evaluate") for w in ("ew", "uw"))}
     assert "sweep-mmoe-uw" in (project / ".mtl/sweeps/sweep/reports/compare.md").read_text()
     assert (project / "params.yaml").read_bytes() == params
@@ -230,7 +233,7 @@ def test_dask_runner_on_an_existing_cluster(project):
                       dashboard_address=":0") as cluster:
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
-    assert ran == ["check", "train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+    assert ran == ["check", "tune@hps-ew", "train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
 
 
 def test_serve_variant_releases_the_retrained_model_to_a_running_server(project):
@@ -360,8 +363,26 @@ def test_make_stop_leaves_nothing_that_make_serve_started(tmp_path):
         deployment_run(root, serve_env, "pipeline/nightly")
         wait_for(lambda: a_stage_runs(home), 120, "a stage of the run to start")
         started = time.monotonic()
-        out = subprocess.run(["pipelines/serve.sh", "stop"], cwd=root, env=serve_env,
-                             capture_output=True, text=True, check=True, timeout=120).stdout
-        assert out.splitlines() == ["stopped worker", "stopped server"]
+        # A narrow terminal (CI's COLUMNS=80 cut a long venv path) must not hide the command.
+        out = subprocess.run(["pipelines/serve.sh", "stop"], cwd=root,
+                             env=serve_env | {"COLUMNS": "40"},
+                             capture_output=True, text=True, check=True, timeout=120)
+        assert out.stdout.splitlines() == ["stopped worker", "stopped server"], out.stderr
         assert time.monotonic() - started < 30
         assert started_by(home) == []
+
+
+def test_the_tune_flow_fans_each_studys_trials_out_as_tasks(project):
+    """The baseline's study first, then the others'; two worker tasks per study run the
+    requested trials between them, and each variant's file is written."""
+    edit_params(project, lambda p: p.update(tune=p["tune"] | {"trials": 3, "epochs": 1}))
+    result, flow_run_id = flow_run(tune, root=str(project), shares=2)
+    assert set(result) == {"stl", "hps-ew", "hps-static"}
+    for variant in result:
+        chosen = json.loads((project / "tuned" / f"{variant}.json").read_text())
+        for study in chosen.get("studies", {"": chosen}).values():  # stl: one study per task
+            assert [t["state"] for t in study["trials"]] == ["complete"] * 3
+    assert len(json.loads((project / "tuned" / "stl.json").read_text())["studies"]) == 3
+    runs = task_runs(flow_run_id)
+    assert {f"tune@{v}-{w}" for v in result for w in (0, 1)} <= set(runs)
+    assert runs["tune-baseline"].end_time < runs["tune@hps-ew-0"].start_time  # the baseline first
