@@ -40,11 +40,16 @@ run: setup  ## check params.yaml, run the whole pipeline (only what changed), pr
 	@echo "Full report with plots: reports/index.html (Markdown: reports/report.md)"
 
 # The tests run in a random order (pytest-randomly), shown in the command make prints:
-# `make test SEED=<that number>` repeats an order.
+# `make test SEED=<that number>` repeats an order. They run in JOBS processes (pytest-xdist; each
+# module's tests in one process, so module fixtures are built once): most of a test's time is
+# subprocesses and servers starting, which overlap well. 2, not `auto`: auto counts the host's
+# cores, not the ones a container may use, and a dozen workers of DVC and Prefect on 2 cores
+# time out. `make test JOBS=0` runs them in this one.
 SEED ?= $(shell date +%s)
+JOBS ?= 2
 
 test: setup-dev  ## run the test suite, in a random order
-	$(BIN)/python -m pytest -q -p randomly --randomly-seed=$(SEED)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope -p randomly --randomly-seed=$(SEED)
 
 serve: setup  ## local Prefect server + worker + the deployments of pipelines/prefect.yaml
 	pipelines/serve.sh

@@ -5,6 +5,9 @@
 (a) One epoch of hps + ew through ``mtl.engine.trainer.fit`` and through a hand-written loop
 with the same model, task losses, data, batch order, batch size and optimizer (AdamW), in
 turns (the order rotates each repeat); the median of the per-repeat time ratios is reported.
+(a') The same on issue 19's toy, where fixed per-step and per-epoch costs show: batch 64,
+``--toy-epochs`` epochs of ``--toy-rows`` rows, each followed by an evaluation (task losses and
+metrics) on ``--toy-val`` rows.
 The bare loop runs twice: with torch's default AdamW (what one writes by hand) and with the
 fused AdamW the trainer uses, which isolates the trainer's own overhead.
 (b) Per weighting method, the time of a training step relative to ew, for K = 2, 4 and 8
@@ -38,6 +41,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit
 
 FEATURES, BATCH, HIDDEN, HEAD, LR = 32, 512, [64, 64], [32], 1e-3
+TOY_BATCH = 64  # issue 19's toy: the many small steps of tabular training
 MIXED = [Task("kind", "multiclass", "kind", classes=("a", "b", "c", "d")),
          Task("flag", "binary", "flag", classes=("no", "yes")),
          Task("size", "regression", "size")]
@@ -71,45 +75,62 @@ def options(**kw) -> FitOptions:
 
 
 def trainer_epoch(tasks: list[Task], data: TaskData, empty: TaskData, batch: int = BATCH,
-                  build: Callable[[list[Task]], torch.nn.Module] = hps) -> float:
+                  build: Callable[[list[Task]], torch.nn.Module] = hps, epochs: int = 1) -> float:
+    """Seconds of ``epochs`` epochs through ``fit``, validating on ``empty`` (if it has rows)."""
     model, ew = build(tasks), weighting.build("ew", [t.name for t in tasks])
     start = time.perf_counter()
-    fit(model, tasks, ew, data, empty, options(batch_size=batch))
+    fit(model, tasks, ew, data, empty, options(batch_size=batch, epochs=epochs))
     return time.perf_counter() - start
 
 
 def bare_epoch(tasks: list[Task], data: TaskData, fused: bool, batch: int = BATCH,
-               build: Callable[[list[Task]], torch.nn.Module] = hps) -> float:
-    """What one would write by hand: index the tensors, sum the task losses, AdamW."""
+               build: Callable[[list[Task]], torch.nn.Module] = hps, epochs: int = 1,
+               val: TaskData | None = None) -> float:
+    """What one would write by hand: index the tensors, sum the task losses, AdamW; after each
+    epoch, with ``val``, its task losses and metrics (the trainer's evaluation, without model
+    selection)."""
     model = build(tasks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=fused or None)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    model.train()
-    for rows in torch.randperm(len(data), generator=generator).split(batch):
-        outputs = model({key: value[rows] for key, value in data.inputs.items()})
-        loss = sum(t.loss(outputs[t.name], data.targets[t.name][rows], data.masks[t.name][rows])
-                   for t in tasks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    for _ in range(epochs):
+        model.train()
+        for rows in torch.randperm(len(data), generator=generator).split(batch):
+            outputs = model({key: value[rows] for key, value in data.inputs.items()})
+            loss = sum(t.loss(outputs[t.name], data.targets[t.name][rows], data.masks[t.name][rows])
+                       for t in tasks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if val is not None:
+            model.eval()
+            with torch.no_grad():
+                outputs = model(val.inputs)
+                for t in tasks:
+                    t.loss(outputs[t.name], val.targets[t.name], val.masks[t.name]).item()
+                    t.metrics(outputs[t.name], val.targets[t.name], val.masks[t.name])
     return time.perf_counter() - start
 
 
-def compare_loops(rows: int, repeats: int) -> dict:
-    data = synthetic(rows, MIXED)
-    empty = data.take(torch.arange(0))
-    loops = {"trainer": lambda d: trainer_epoch(MIXED, d, empty),
-             "bare": lambda d: bare_epoch(MIXED, d, fused=False),
-             "bare_fused": lambda d: bare_epoch(MIXED, d, fused=True)}
+def compare_loops(rows: int, repeats: int, batch: int = BATCH, epochs: int = 1,
+                  val_rows: int = 0) -> dict:
+    """The trainer against the bare loops: ``epochs`` epochs of ``rows`` rows in batches of
+    ``batch``, each followed by an evaluation on ``val_rows`` rows (none if 0)."""
+    data, val = synthetic(rows, MIXED), synthetic(val_rows, MIXED, seed=1)
+    kw = {"batch": batch, "epochs": epochs}
+    loops = {"trainer": lambda d: trainer_epoch(MIXED, d, val, **kw),
+             "bare": lambda d: bare_epoch(MIXED, d, fused=False, val=val if val_rows else None, **kw),
+             "bare_fused": lambda d: bare_epoch(MIXED, d, fused=True, val=val if val_rows else None,
+                                                **kw)}
     for loop in loops.values():  # warm-up
-        loop(data.take(torch.arange(20 * BATCH)))
+        loop(data.take(torch.arange(min(rows, 20 * batch))))
     names, runs = list(loops), []
     for r in range(repeats):
         times = {name: loops[name](data) for name in names[r % 3:] + names[:r % 3]}
         runs.append(times | {"ratio": times["trainer"] / times["bare"],
                              "ratio_fused": times["trainer"] / times["bare_fused"]})
-    return {"rows": rows, "steps": -(-rows // BATCH), "runs": runs,
+    return {"rows": rows, "batch": batch, "epochs": epochs, "val_rows": val_rows,
+            "steps": -(-rows // batch), "runs": runs,
             **{f"median_{key}": statistics.median(r[key] for r in runs) for key in runs[0]}}
 
 
@@ -185,6 +206,12 @@ def save_result(name: str, result: dict) -> Path:
     return out
 
 
+def load_line(info: dict) -> str:
+    """How busy other processes kept the machine during a benchmark (``Machine.finish()``'s info)."""
+    return (f"other processes kept {info['other_load_cores']:.2f} cores busy on average (load "
+            f"average {info['load_average_before']:.2f} before, {info['load_average_after']:.2f} after)")
+
+
 class Machine:
     """The machine a torch benchmark runs on, and how busy other processes keep it meanwhile:
     ``info`` at the start, completed by ``finish()``. The benchmark's own child processes (busy
@@ -225,9 +252,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--method-steps", type=int, default=40)
     parser.add_argument("--method-repeats", type=int, default=5)
+    parser.add_argument("--toy-rows", type=int, default=4096)
+    parser.add_argument("--toy-epochs", type=int, default=5)
+    parser.add_argument("--toy-val", type=int, default=1024)
     args = parser.parse_args()
     measured = Machine()
     loops = compare_loops(args.rows, args.repeats)
+    toy = compare_loops(args.toy_rows, args.repeats, TOY_BATCH, args.toy_epochs, args.toy_val)
     methods = compare_methods([2, 4, 8], args.method_steps, args.method_repeats)
     machine = measured.finish()
 
@@ -236,6 +267,10 @@ def main() -> None:
     print(f"(a) One epoch of hps + ew, {loops['rows']} rows x {FEATURES} features, 3 tasks, "
           f"batch {BATCH} ({loops['steps']} steps), AdamW\n")
     print_loops(loops)
+    print(f"\n(a') The small-model toy: {toy['epochs']} epochs of {toy['rows']} rows, batch "
+          f"{TOY_BATCH} ({toy['steps']} steps an epoch), each epoch followed by an evaluation on "
+          f"{toy['val_rows']} rows (the trainer also keeps the best weights)\n")
+    print_loops(toy)
     print()
     ks = list(methods)
     print(f"(b) Step time relative to ew (batch {BATCH}, hps {HIDDEN}, K regression tasks; "
@@ -245,10 +280,8 @@ def main() -> None:
     for m in methods[ks[0]]:
         cells = [f"{methods[k][m]['ratio']:.2f}× ({methods[k][m]['step_ms']:.1f} ms)" for k in ks]
         print(f"| {m} | " + " | ".join(cells) + " |")
-    print(f"\nTotal {machine['total_s']} s; other processes kept {machine['other_load_cores']:.2f} "
-          f"cores busy on average (load average {machine['load_average_before']:.2f} before, "
-          f"{machine['load_average_after']:.2f} after).")
-    save_result("engine", {"machine": machine, "args": vars(args), "loops": loops,
+    print(f"\nTotal {machine['total_s']} s; {load_line(machine)}.")
+    save_result("engine", {"machine": machine, "args": vars(args), "loops": loops, "toy": toy,
                             "methods": methods})
 
 

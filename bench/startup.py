@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.engine import Machine, save_result
+from bench.engine import Machine, load_line, save_result
 
 EVALUATE = ["evaluate", "--variant", "hps-ew", "--seed", "0"]
 PACKAGES = ["torch", "torchmetrics", "transformers", "scipy.signal", "matplotlib", "torchjd",
@@ -118,9 +118,7 @@ def main() -> None:
     print("|---|" + "---|" * len(names))
     for key in result[names[0]]:
         print(f"| {key} | " + " | ".join(f"{result[n][key]:.2f}" for n in names) + " |")
-    print(f"\nTotal {info['total_s']} s; other processes kept {info['other_load_cores']:.2f} cores "
-          f"busy on average (load average {info['load_average_before']:.2f} before, "
-          f"{info['load_average_after']:.2f} after).")
+    print(f"\nTotal {info['total_s']} s; {load_line(info)}.")
     save_result("startup", {"machine": info, "args": vars(args), "result": result})
 
 

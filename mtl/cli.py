@@ -124,15 +124,60 @@ def train(variant: VariantOption, seed: SeedOption = None, params: ParamsOption 
     with user_errors():
         from mtl.engine import distributed
         from mtl.stages import train as stage
+        from mtl.stages import tuned
         from mtl.stages.common import seeds_of
 
-        loaded = load_params(params, set_)
+        loaded = tuned.apply(load_params(params, set_), variant)
         use_threads(loaded.threads(variant))
         main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds the lock
         for s in seeds_of(loaded, seed):
             with stage_lock(f"train@{variant}-{s}") if main else contextlib.nullcontext():
                 stage.run(loaded, variant, s, resume=not fresh)
         distributed.stop()
+
+
+@app.command()
+def group(variant: VariantOption, params: ParamsOption = Path("params.yaml"),
+          set_: SetOption = None) -> None:
+    """The task groups of a `grouped` variant, chosen from its source variant's affinity.json
+    files -> groupings/<variant>.json."""
+    with user_errors():
+        from mtl.stages import group as stage
+
+        loaded = load_params(params, set_)
+        with stage_lock(f"group@{variant}"):
+            stage.run(loaded, variant)
+
+
+@app.command()
+def tune(variant: VariantOption, params: ParamsOption = Path("params.yaml"), set_: SetOption = None,
+         worker: Annotated[int, typer.Option(
+             "--worker", min=0, help="With --workers: this worker's number, from 0.")] = 0,
+         workers: Annotated[int | None, typer.Option(
+             "--workers", min=1, help="Run worker --worker of this many on the study, side by "
+                                      "side, and write no file (the Prefect tune flow's tasks).")] = None,
+         output: Annotated[Path | None, typer.Option(
+             "--output", "-o", help="Write the file here instead of tuned/<variant>.json (the "
+                                    "tune-baseline stage: tuned/_baseline.json).")] = None) -> None:
+    """Tune one variant's params with Optuna (tune.trials trials) -> tuned/<variant>.json, which
+    train applies; with tune.trials 0 a file saying "not tuned"."""
+    with user_errors():
+        from mtl.stages import tuned
+
+        loaded = load_params(params, set_)
+        loaded.variant_train(variant)  # names an unknown variant
+        if loaded.tune.trials == 0:
+            with stage_lock(f"tune@{variant}"):
+                tuned.write_untuned(variant, output)
+            return
+        from mtl.stages import tune as stage
+
+        use_threads(loaded.threads(variant))
+        if workers is not None:
+            stage.work(loaded, variant, worker, workers)
+            return
+        with stage_lock(f"tune@{variant}"):
+            stage.run(loaded, variant, output)
 
 
 @app.command()
@@ -164,6 +209,12 @@ def evaluate(variant: Annotated[str | None, typer.Option(
         for s in seeds_of(loaded, seed):
             with stage_lock(f"evaluate@{variant}-{s}"):
                 stage.run(loaded, variant, s)
+
+
+@app.command()
+def reference(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
+    """Gradient-boosted trees per task (compare.reference) on the splits -> metrics/reference.json."""
+    run_stage("reference", params, set_)
 
 
 @app.command()
@@ -247,15 +298,20 @@ def serve(variant: VariantOption, seed: OneSeedOption = None,
 
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """The architectures and weightings a variant may name."""
+    """The architectures and weightings a variant may name, and what tune.space may tune."""
+    from mtl.config import TUNABLE_TRAIN
     from mtl.engine import ARCH_OPTIONS, WEIGHTING_OPTIONS
 
     if as_json:
         json.dump({"architectures": list(ARCH_OPTIONS), "weightings": list(WEIGHTING_OPTIONS),
-                   "arch_options": ARCH_OPTIONS, "weighting_options": WEIGHTING_OPTIONS}, sys.stdout)
+                   "arch_options": ARCH_OPTIONS, "weighting_options": WEIGHTING_OPTIONS,
+                   "tunable_train": list(TUNABLE_TRAIN)}, sys.stdout)
         sys.stdout.write("\n")
         return
+    typer.echo("tunable (tune.space, a variant's tune_space): train keys " + ", ".join(TUNABLE_TRAIN)
+               + "; arch_options.<option> and weighting_options.<option> of the methods below")
     for title, registry in (("architectures", ARCH_OPTIONS), ("weightings", WEIGHTING_OPTIONS)):
         typer.echo(f"{title} (options and defaults):")
         for name, options in registry.items():
-            typer.echo(f"  {name}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "-"))
+            typer.echo(f"  {name}: " + (", ".join(f"{k}={'(required)' if v is None else v}"
+                                                 for k, v in options.items()) or "-"))

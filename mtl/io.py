@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -161,6 +162,16 @@ def replace_dirs(*moves: tuple[Path, Path]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(source: Path | str, target: Path | str) -> None:
+    """Make ``target`` the same file as ``source``: a hard link (nothing copied), or a copy where
+    the file system cannot link. ``target`` is replaced if it exists."""
+    Path(target).unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def write_table(table: pa.Table, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -179,12 +190,16 @@ def write_text(text: str, path: Path | str) -> None:
 class RowGroupWriter:
     """A Parquet file written row group by row group (at least ``BATCH_ROWS`` rows each, but
     the last); floating-point columns are not dictionary-encoded (it rarely pays for them, and
-    trying makes writing about 3 times slower)."""
+    trying makes writing about 3 times slower). A row group is encoded on a thread of its own
+    while the caller reads and converts the next one (pyarrow releases the GIL), at most one
+    at a time, so memory holds at most two row groups."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.schema, self.pending, self.rows, self.written = schema, [], 0, False
         dictionary = [f.name for f in schema if not pa.types.is_floating(f.type)]
         self.writer = pq.ParquetWriter(path, schema, use_dictionary=dictionary)
+        self.thread = ThreadPoolExecutor(max_workers=1)
+        self.busy: Future | None = None  # the row group being written
 
     def write(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -194,13 +209,23 @@ class RowGroupWriter:
 
     def _flush(self) -> None:
         table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
-        self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        self._wait()
+        self.busy = self.thread.submit(self.writer.write_table, table,
+                                       row_group_size=max(table.num_rows, 1))
         self.pending, self.rows, self.written = [], 0, True
+
+    def _wait(self) -> None:
+        """Wait for the row group being written (raising what writing it raised)."""
+        if self.busy is not None:
+            busy, self.busy = self.busy, None
+            busy.result()
 
     def close(self) -> None:
         """Write what is left (an empty table if nothing was written at all) and close."""
         if self.pending or not self.written:
             self._flush()
+        self._wait()
+        self.thread.shutdown()
         self.writer.close()
 
 
@@ -331,11 +356,26 @@ def scan_table(path: Path | str) -> Scan:
 
     def checked() -> Iterator[pa.RecordBatch]:
         with _readable(path):
-            for batch in batches():
-                for start in range(0, batch.num_rows, BATCH_ROWS):  # a CSV block may hold more
-                    yield batch.slice(start, BATCH_ROWS)
+            yield from _coalesce(batches())
 
     return Scan(schema, checked)
+
+
+def _coalesce(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches`` regrouped into batches of ``BATCH_ROWS`` rows (the last one fewer): a CSV
+    block, or a small Parquet row group, holds a few thousand rows, and each batch costs the
+    stages a few Python calls per column."""
+    pending, rows = [], 0
+    for batch in batches:
+        pending.append(batch)
+        rows += batch.num_rows
+        while rows >= BATCH_ROWS:
+            table = pa.Table.from_batches(pending)
+            yield from table.slice(0, BATCH_ROWS).combine_chunks().to_batches()
+            rest = table.slice(BATCH_ROWS)
+            pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield from pa.Table.from_batches(pending).combine_chunks().to_batches()
 
 
 @contextlib.contextmanager

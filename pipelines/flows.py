@@ -1,4 +1,4 @@
-"""Prefect flows over the DVC pipeline: ``pipeline`` (on demand or scheduled) and ``sweep``.
+"""Prefect flows over the DVC pipeline: ``pipeline`` (on demand or scheduled), ``sweep`` and ``tune``.
 
 Prefect runs *over* DVC, not around it, and behaves like ``dvc repro``, only parallel (see
 ``pipelines/schedule.py``): DVC's graph orders the stages, DVC says which are stale or can be
@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mtl.io import read_json
 from pipelines import params_file, workspace
 from pipelines import repo as dvc
 from pipelines.schedule import bring_up_to_date
+from pipelines.stage import run_stage
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -100,8 +102,8 @@ def pipeline(root: str = ".", params: str | None = None, overrides: list[str] | 
     with one_run_per_project(project):
         params_file.update(project / "params.yaml", source=params, overrides=overrides or [])
         loaded = load_params(project / "params.yaml")  # a bad configuration fails here, naming the key
-        if serve_variant is not None and serve_variant not in loaded.variants:
-            raise UserError(f"serve_variant: '{serve_variant}' is not in variants")
+        if serve_variant is not None and serve_variant not in loaded.all_variants:
+            raise UserError(f"serve_variant: '{serve_variant}' is not in variants or grouped")
         ran = up_to_date(project, retries, runner, workers, dask_address)
         if serve_variant is not None:
             release_for_serving(project, serve_variant, loaded.seeds[0])
@@ -142,3 +144,47 @@ def sweep(root: str = ".", archs: list[str] | None = None, weightings: list[str]
         get_run_logger().info("the comparison: %s", os.path.relpath(where / paths.REPORT, project))
         result = read_json(where / paths.COMPARE_JSON)
     return {variant: result[variant]["delta_m"] for variant in variants}
+
+
+@flow(name="tune", log_prints=True)
+def tune(root: str = ".", shares: int | None = None, runner: str = "threads",
+         workers: int | None = None, dask_address: str | None = None) -> dict[str, float | None]:
+    """Tune every variant (``tune`` of params.yaml) with its trials fanned out as tasks on the
+    task runner, Dask included: the baseline's study first (the others measure Δm against it),
+    then every other variant's side by side. Each task is one worker of ``mtl tune``: one
+    ``study.optimize`` on the study's shared storage (the journal under ``.mtl/tune/``, or
+    ``tune.storage``, a database URL, for workers on several machines); ``shares`` tasks per
+    study (default ``tune.jobs``) run ``tune.trials`` trials between them (``mtl tune --worker W
+    --workers N``). Then each variant's ``tuned/<variant>.json`` is written; ``dvc repro`` (or
+    the ``pipeline`` flow) records them, its tune stages finding every study complete. Needs
+    the split data (``dvc repro split``). Returns each variant's best objective."""
+    project = Path(root).resolve()
+    with one_run_per_project(project):
+        params = load_params(project / "params.yaml")
+        if params.tune.trials == 0:
+            raise UserError("tune.trials: 0, nothing to tune; set it to the trials per variant")
+        baseline, share = params.compare.baseline, shares or params.tune.jobs
+        others = [v for v in params.variants if v != baseline]
+        quote = shlex.quote
+        with task_runner(runner, workers, dask_address) as pool:
+            run_tasks(pool, project, tune_workers(baseline, share))
+            run_tasks(pool, project, {"tune-baseline": f"mtl tune --variant {quote(baseline)} "
+                                                       f"--output {paths.TUNED_BASELINE}"})
+            run_tasks(pool, project, {k: c for v in others for k, c in tune_workers(v, share).items()})
+            run_tasks(pool, project, {f"tune@{v}": f"mtl tune --variant {quote(v)}"
+                                      for v in params.variants})
+    return {v: read_json(project / paths.tuned_path(v))["value"] for v in params.variants}
+
+
+def tune_workers(variant: str, shares: int) -> dict[str, str]:
+    """The commands of ``shares`` workers on the variant's study, by task name."""
+    return {f"tune@{variant}-{w}": f"mtl tune --variant {shlex.quote(variant)} --worker {w} "
+                                   f"--workers {shares}" for w in range(shares)}
+
+
+def run_tasks(pool: TaskRunner, project: Path, commands: dict[str, str]) -> None:
+    """Run each command as a stage task on ``pool``, side by side, and wait for them all."""
+    futures = [pool.submit(run_stage, {"name": name, "commands": [command], "root": str(project)})
+               for name, command in commands.items()]
+    for future in futures:
+        future.result()

@@ -16,6 +16,7 @@ import shlex
 from pathlib import Path
 
 from dvc.repo import Repo
+from dvc.stage import Stage
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner
@@ -35,7 +36,7 @@ def bring_up_to_date(root: Path, runner: TaskRunner, retries: int, share_cores: 
     params = load_params(root / "params.yaml")
     cores = cpu_count() if share_cores else math.inf
     with dvc.opened(root) as repo, runner:
-        upstream = dvc.upstream_stages(repo)
+        upstream, stages = dvc.load(repo)
         waiting, done = set(upstream), set()
         futures: dict[str, PrefectFuture] = {}
         running: dict[PrefectFuture, tuple[str, int]] = {}  # -> (stage, its threads)
@@ -43,7 +44,7 @@ def bring_up_to_date(root: Path, runner: TaskRunner, retries: int, share_cores: 
         ran, failures = [], []
         while waiting or running:
             if not failures:
-                for name, commands in _settle(repo, upstream, waiting, done).items():
+                for name, commands in _settle(repo, stages, upstream, waiting, done).items():
                     ready.append((name, commands, stage_threads(params, commands)))
             start = startable([t for *_, t in ready], sum(t for _, t in running.values()), cores)
             for name, commands, threads in ready[:start]:
@@ -91,14 +92,14 @@ def stage_threads(params: Params, commands: list[str]) -> int:
     return params.threads()
 
 
-def _settle(repo: Repo, upstream: dict[str, set[str]], waiting: set[str],
-            done: set[str]) -> dict[str, list[str]]:
+def _settle(repo: Repo, stages: dict[str, Stage], upstream: dict[str, set[str]],
+            waiting: set[str], done: set[str]) -> dict[str, list[str]]:
     """Check every waiting stage whose upstream stages are all done, again and again as stages
     found up to date or restored unblock others; return the stale ones with their commands."""
     stale: dict[str, list[str]] = {}
     while ready := sorted(n for n in waiting if upstream[n] <= done):
         waiting.difference_update(ready)
-        verdicts, commands = dvc.check(repo, ready)
+        verdicts, commands = dvc.check(repo, stages, ready)
         stale |= commands
         for name, verdict in verdicts.items():
             if verdict == "stale":

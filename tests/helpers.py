@@ -29,3 +29,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def arch_options(arch: str, tasks: list) -> dict | None:
+    """What an architecture needs beyond its defaults: for ``groups``, two groups (every task
+    but the last, and the last alone), so that both of its kinds of network run."""
+    names = [t.name for t in tasks]
+    return {"groups": [names[:-1], names[-1:]]} if arch == "groups" else None
+
+
+def train_project(root: Path, raw: dict, variant: str) -> Path:
+    """``root`` with ``raw`` as its params.yaml, its data stages run and ``variant`` trained on
+    seed 0, in this process."""
+    import pytest
+    import yaml
+
+    from mtl.config import load_params
+    from mtl.stages import augment, ingest, split, train
+
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        params = load_params()
+        for stage in (ingest, augment, split):
+            stage.run(params)
+        train.run(params, variant, 0, resume=False)
+    return root

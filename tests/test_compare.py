@@ -101,7 +101,7 @@ def write_metrics(params, change) -> None:
 
 def test_compare_stage_writes_json_and_report_over_seeds(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]", "compare.delta_m=all"])
+    params = load_params(REPO / "params.yaml", ["compare.reference=none", "seeds=[0, 1, 2]", "compare.delta_m=all"])
     wobble = {0: -0.01, 1: 0.0, 2: 0.01}  # seed noise on sex accuracy, the same for every variant
 
     def change(variant, seed, metrics):
@@ -134,7 +134,7 @@ def test_summary_holds_delta_m_and_the_metrics_it_counts(tmp_path, monkeypatch):
     """metrics/summary.json, the DVC metrics file: per variant Δm, its p-value and the mean of
     each metric Δm counts; nothing per seed."""
     monkeypatch.chdir(tmp_path)
-    params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]"])
+    params = load_params(REPO / "params.yaml", ["compare.reference=none", "seeds=[0, 1, 2]"])
     wobble = {0: -0.01, 1: 0.0, 2: 0.01}
     write_metrics(params, lambda v, s, m: m["sex"].update(auroc=m["sex"]["auroc"] + wobble[s]))
     compare.run(params)
@@ -149,7 +149,7 @@ def test_summary_holds_delta_m_and_the_metrics_it_counts(tmp_path, monkeypatch):
 
 def test_compare_with_one_seed_makes_no_noise_claim(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(REPO / "params.yaml", ["seeds=[0]"])
+    params = load_params(REPO / "params.yaml", ["compare.reference=none", "seeds=[0]"])
     write_metrics(params, lambda v, s, m: None)
     compare.run(params)
     result = json.loads(paths.COMPARE_JSON.read_text())
@@ -160,7 +160,7 @@ def test_compare_with_one_seed_makes_no_noise_claim(tmp_path, monkeypatch):
 
 def test_compare_names_the_missing_seed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = load_params(REPO / "params.yaml", ["seeds=[0, 1]"])
+    params = load_params(REPO / "params.yaml", ["compare.reference=none", "seeds=[0, 1]"])
     write_metrics(params, lambda v, s, m: None)
     paths.variant_metrics("hps-ew", 1).unlink()
     with pytest.raises(UserError, match=r"hps-ew/seed-1.json: file not found .*--seed 1"):
@@ -183,7 +183,7 @@ def test_delta_m_on_a_rare_class_counts_auroc_not_the_threshold_metrics(tmp_path
 
     results = {}
     for mode in ("primary", "all"):
-        params = load_params(REPO / "params.yaml", ["seeds=[0, 1, 2]", f"compare.delta_m={mode}"])
+        params = load_params(REPO / "params.yaml", ["compare.reference=none", "seeds=[0, 1, 2]", f"compare.delta_m={mode}"])
         write_metrics(params, change)
         compare.run(params)
         results[mode] = json.loads(paths.COMPARE_JSON.read_text())["hps-ew"]["delta_m"]

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mtl.config import Params, apply_override, load_params
+from mtl.errors import UserError
 from tests.helpers import REPO
 
 DEFAULT_PARAMS = REPO / "params.yaml"
@@ -114,3 +115,18 @@ def test_aliases_are_expanded_within_a_bound(tmp_path: Path) -> None:
     text = text.replace("\nvariants:", "\nvariants:\n  wide: {arch: hps, train: {hidden: *w}}")
     path.write_text(text, encoding="utf-8")
     assert load_params(path).variant_train("wide").hidden == [64, 64]
+
+
+def test_a_search_space_takes_the_keys_each_variant_has():
+    """tune.space's option keys go to the variants whose method has them; a variant's own
+    tune_space replaces a key; an integer option needs an integer range."""
+    params = load_params(REPO / "params.yaml", [
+        ("tune.space={lr: {low: 0.001, high: 0.01, log: true}, "
+         "weighting_options.temperature: {low: 1, high: 3}}"),
+        "variants.dwa={arch: hps, weighting: dwa, tune_space: {lr: {choices: [0.001, 0.002]}}}"])
+    assert set(params.search_space("hps-ew")) == {"train.lr"}
+    assert set(params.search_space("dwa")) == {"train.lr", "weighting_options.temperature"}
+    assert params.search_space("dwa")["train.lr"].choices == [0.001, 0.002]
+    for key in ("arch_options.experts", "batch_size"):
+        with pytest.raises(UserError, match=rf"tune.space.{key}: .*int: true"):
+            load_params(REPO / "params.yaml", [f"tune.space={{{key}: {{low: 2, high: 8}}}}"])

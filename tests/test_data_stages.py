@@ -7,7 +7,7 @@ import pytest
 from mtl import paths
 from mtl.config import SplitConfig, load_params
 from mtl.errors import UserError
-from mtl.io import read_table, write_table
+from mtl.io import Scan, read_table, write_table
 from mtl.sources import read_source
 from mtl.stages import augment, ingest, split
 from tests.helpers import REPO
@@ -69,13 +69,22 @@ def test_augmented_rows_follow_their_source_and_stay_in_train(ingested, params):
         assert originals[source] == species  # class labels are the source row's
 
 
-def test_interpolation_partners_are_training_rows_of_the_same_class():
-    classes = np.array(["a", "b", "a", "b", "a", None, "b"], dtype=object)
-    pool = np.array([0, 1, 2, 3, 5])  # rows 4 and 6 are validation/test rows
-    partner = augment._partners(pool, classes, pool, np.random.default_rng(0))
-    for src, p in zip(pool, partner):
-        assert p in pool
-        assert classes[p] == classes[src] or (classes[src] is None and p == src)
+def test_interpolation_partners_are_training_rows_of_the_same_class(ingested, params):
+    table, schema = ingested
+    columns = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
+    pool = augment._Pool.read(Scan.of(table), params, columns, len(columns))
+    x = augment._matrix(table, columns)
+    partner = pool.partners(table, x, np.random.default_rng(0).random(table.num_rows))
+    train = split.assign(table[paths.ID], params.split) == "train"
+    labels = np.array(table[pool.label].to_pylist(), object)
+    classes = {}  # the values of each training row -> its class
+    for values, label in zip(np.nan_to_num(x[:, train], nan=-1.0).T, labels[train]):
+        classes.setdefault(tuple(values), set()).add(label)
+    for i, label in enumerate(labels):
+        if label is None:
+            assert np.array_equal(partner[:, i], x[:, i], equal_nan=True)  # its own partner
+        else:
+            assert label in classes[tuple(np.nan_to_num(partner[:, i], nan=-1.0))]
 
 
 def test_split_stage_writes_original_rows_only_to_val_and_test(tmp_path, monkeypatch, ingested, params):

@@ -1,6 +1,8 @@
 """Data parallelism: ``fit`` in 2 processes (torchrun, gloo on CPU) ends with the weights of
 the same training in one process, for loss weightings, accumulation and gradient methods at
-both levels; and so does the train stage under torchrun."""
+both levels, the ``ple`` and ``periodic`` numeric encodings, ``groups`` (pcgrad per group),
+``stl`` with per-task settings, and MiniLM's top layer fine-tuned; and so does the train stage
+under torchrun."""
 
 import json
 import sys
@@ -20,14 +22,16 @@ def weights(tmp_path_factory):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(REPO / "tests" / "ddp_fit.py"), str(two)], cwd=REPO)
     load = lambda d, name: torch.load(d / f"{name}.pt", weights_only=True)
-    return load(one, "initial"), {name: (load(one, name), load(two, name)) for name, *_ in ddp_fit.CONFIGS}
+    return {name: (load(one, f"{name}-initial"), load(one, name), load(two, name))
+            for name in ddp_fit.NAMES}
 
 
-@pytest.mark.parametrize("name", [name for name, *_ in ddp_fit.CONFIGS])
+@pytest.mark.parametrize("name", ddp_fit.NAMES)
 def test_two_processes_train_what_one_does(weights, name):
-    initial, trained = weights
-    one, two = trained[name]
+    initial, one, two = weights[name]
     for key in one:
+        if key.endswith("attention.self.key.bias"):
+            continue  # softmax ignores it: its gradient is rounding noise, which Adam scales up
         assert not torch.allclose(one[key], initial[key], atol=1e-3), f"{key} did not train"
         assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5), key
 

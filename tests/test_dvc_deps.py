@@ -82,6 +82,7 @@ def stages() -> list[tuple[str, str, list[str]]]:
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     listed = []
     for name, stage in spec.items():
+        stage = stage.get("do", stage)  # a foreach stage's definition
         words = stage["cmd"].split()
         assert words[0] == "mtl", f"stage {name}: expected an `mtl <stage>` command"
         code = [d for d in stage.get("deps", []) if d.split("/")[0] in PACKAGES]

@@ -1,15 +1,19 @@
 """The engine on small tensors: label masking, weightings, STL independence, checkpoints."""
 
+import subprocess
+import sys
+
 import pyarrow as pa
 import pytest
 import torch
 
-from mtl.engine import ARCHITECTURES, WEIGHTINGS, weighting
+from mtl.engine import ARCHITECTURES, WEIGHTINGS, gradients, weighting
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor, TabularEncoder, TabularPreprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit, predict
 from mtl.engine.weighting import Step
+from tests.helpers import REPO, arch_options, env
 
 TASKS = [Task("kind", "multiclass", "k", classes=("a", "b", "c")),
          Task("flag", "binary", "f", classes=("no", "yes")),
@@ -32,14 +36,24 @@ def make_table(n: int = 120, seed: int = 0) -> pa.Table:
     })
 
 
-def make_bundle(arch: str, table: pa.Table) -> Bundle:
+def make_bundle(arch: str, table: pa.Table, **layers) -> Bundle:
     prep = Preprocessor(TabularPreprocessor.fit(table, ["x0", "x1"], ["colour"], indicators=[]))
     torch.manual_seed(0)
-    return Bundle.create(arch, TASKS, prep, {"hidden": [16], "head_hidden": [8], "dropout": 0.0}, {})
+    return Bundle.create(arch, TASKS, prep, {"hidden": [16], "head_hidden": [8], "dropout": 0.0,
+                                             "options": arch_options(arch, TASKS)} | layers, {})
 
 
 def test_weighting_registry_matches_the_names_params_may_use():
-    assert tuple(weighting.CLASSES) == WEIGHTINGS
+    assert (*weighting.CLASSES, *weighting.GRADIENT_METHODS) == WEIGHTINGS
+    assert tuple(gradients.CLASSES) == weighting.GRADIENT_METHODS
+
+
+def test_only_a_gradient_method_imports_torchjd():
+    """torchjd's import costs every training process a CPU-second: loss weightings skip it."""
+    code = ("import sys; from mtl.engine import weighting; weighting.build('ew', ['a', 'b']); "
+            "assert 'torchjd' not in sys.modules; weighting.build('mgda', ['a', 'b']); "
+            "assert 'torchjd' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), check=True)
 
 
 def test_unlabelled_rows_add_nothing_to_the_loss():
@@ -122,6 +136,32 @@ def test_stl_members_train_exactly_as_if_alone():
         fit(alone, [t], weighting.build("ew", [t.name]), data, data, fit_options())
         for (name, a), b in zip(alone.state_dict().items(), together.members[t.name].state_dict().values()):
             assert torch.equal(a, b), f"{t.name}: {name} differs"
+
+
+def test_stl_members_with_their_own_settings_train_as_if_alone_with_them(tmp_path):
+    """The tuned baseline's per-task settings: each member its own widths, and its own optimizer
+    group (learning rate and weight decay), and it ends as if trained alone with them."""
+    table = make_table()
+    own = {"kind": {"hidden": [8, 8], "lr_factor": 3.0, "weight_decay": 0.05},
+           "size": {"head_hidden": [4], "dropout": 0.2, "lr_factor": 0.5}}
+    data = TaskData.from_table(table, make_bundle("stl", table).preprocessor, TASKS)
+    bundle = make_bundle("stl", table, per_task=own)
+    together = bundle.model
+    assert [m.p for m in together.members["size"].modules() if isinstance(m, torch.nn.Dropout)]
+    options = fit_options()
+    fit(together, TASKS, weighting.build("ew", [t.name for t in TASKS]), data, data, options)
+    decays = {"kind": 0.05, "flag": options.weight_decay}
+    for t in [TASKS[0], TASKS[1]]:  # size: dropout draws from the one random stream
+        alone = make_bundle("stl", table, per_task=own).model.members[t.name]
+        settings = {"lr": options.lr * own.get(t.name, {}).get("lr_factor", 1.0),
+                    "weight_decay": decays[t.name]}
+        fit(alone, [t], weighting.build("ew", [t.name]), data, data, fit_options(**settings))
+        for (name, a), b in zip(alone.state_dict().items(), together.members[t.name].state_dict().values()):
+            assert torch.equal(a, b), f"{t.name}: {name} differs"
+    bundle.save(tmp_path / "model.pt")
+    widths = [m.out_features for m in Bundle.load(tmp_path / "model.pt").model.members["kind"].trunk
+              if isinstance(m, torch.nn.Linear)]
+    assert widths == [8, 8]
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):

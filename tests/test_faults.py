@@ -350,7 +350,7 @@ def test_a_killed_dvc_repro_resumes_and_two_runs_write_identical_results(tmp_pat
 
     written = [[f.relative_to(root) for pattern in ("metrics/**/*.json", "dvclive/**/metrics.json")
                 for f in sorted(root.glob(pattern)) if f.is_file()] for root in (whole, killed)]
-    assert written[0] == written[1] and len(written[0]) == 6  # compare, summary, 2 variants, 2 dvclive
+    assert written[0] == written[1] and len(written[0]) == 7  # compare, reference, summary, 2 variants, 2 dvclive
     for name in written[0]:
         assert (whole / name).read_bytes() == (killed / name).read_bytes(), name
     a, b = (torch.load(root / "models/hps-ew/seed-0/model.pt", weights_only=True)["state_dict"]

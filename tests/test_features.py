@@ -19,7 +19,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.text import HashedText, tokens
 from mtl.engine.trainer import predict
 from mtl.errors import UserError
-from mtl.stages import augment, ingest, train
+from mtl.stages import augment, encoded, ingest, train
 from tests.helpers import REPO
 
 TEXTS = ["Make America great again!", "Thank you, Iowa. #Caucus", "", "naïve café-owners 2016"]
@@ -155,8 +155,7 @@ def test_hashed_text_width_is_encoders_hashing_dim_and_images_keep_encoders_dim(
     params = data_params().model_copy(update={"encoders": load_params(
         REPO / "params.yaml", ["encoders.dim=12", *overrides]).encoders})
     table, schema = ingest.prepare(small_table(), params.data)
-    prep = Preprocessor.fit(table, schema["features"],
-                            hashing=params.encoders.hashing.model_dump(exclude={"dim"}))
+    prep = Preprocessor.fit(table, schema["features"], **encoded.preprocessing(params))
     bundle, _ = train.build(params, "stl", 0, prep, TASKS)
     bundle.save(tmp_path / "model.pt")
     for model in (bundle.model, Bundle.load(tmp_path / "model.pt").model):

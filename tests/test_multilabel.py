@@ -19,7 +19,7 @@ from mtl.engine.encoders import Preprocessor, TabularPreprocessor
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import FitOptions, TaskData, fit, predict
 from mtl.errors import UserError
-from tests.helpers import run
+from tests.helpers import arch_options, run
 
 LABELS = ("l0", "l1", "l2")
 TAGS = Task("tags", "multilabel", LABELS, classes=LABELS)
@@ -42,7 +42,8 @@ def make_table(n: int = 160, seed: int = 0) -> pa.Table:
 def make_bundle(arch: str, table: pa.Table) -> Bundle:
     prep = Preprocessor(TabularPreprocessor.fit(table, ["x0", "x1"], [], indicators=[]))
     torch.manual_seed(0)
-    return Bundle.create(arch, TASKS, prep, {"hidden": [16], "head_hidden": [8], "dropout": 0.0}, {})
+    return Bundle.create(arch, TASKS, prep, {"hidden": [16], "head_hidden": [8], "dropout": 0.0,
+                                             "options": arch_options(arch, TASKS)}, {})
 
 
 def test_encode_masks_each_entry_and_reads_booleans_and_integers():

@@ -75,9 +75,11 @@ def restored_params(project):
 def test_repro_runs_every_stage_and_compares_variants_over_seeds(project):
     root, ran = project
     variants = ["stl", "hps-ew", "hps-static"]
-    assert ran == {"check", "ingest", "augment", "split", "compare", "report",
+    assert ran == {"check", "ingest", "augment", "split", "reference", "compare", "report", "tune-baseline",
+                   *(f"tune@{v}" for v in variants),  # tune.trials 0: a file saying "not tuned"
                    *(f"{stage}@{v}-{s}" for stage in ("train", "evaluate") for v in variants for s in (0, 1))}
     result = json.loads((root / paths.COMPARE_JSON).read_text())
+    assert result.pop("_reference")["method"] == "lightgbm"  # the default reference: its own row
     assert set(result) == set(variants)
     assert result["stl"]["delta_m"]["mean"] == pytest.approx(0.0, abs=1e-6)
     for v in variants:
@@ -103,13 +105,32 @@ def test_nothing_reruns_then_one_variant_or_seed_change_reruns_only_it(restored_
     assert repro(root) == set()
     assert "up to date" in run(["dvc", "status"], root).stdout
     edit_params(root, lambda p: p["variants"]["hps-static"]["weights"].update(body_mass=2.0))
-    assert repro(root) == {"check", "train@hps-static-0", "train@hps-static-1",
+    assert repro(root) == {"check", "tune@hps-static", "train@hps-static-0", "train@hps-static-1",
                            "evaluate@hps-static-0", "evaluate@hps-static-1", "compare", "report"}
     edit_params(root, lambda p: p.update(seeds=[0, 1, 2]))
-    assert repro(root) == {"check", "compare", "report", *(f"{stage}@{v}-2" for stage in ("train", "evaluate")
-                                        for v in ("stl", "hps-ew", "hps-static"))}
+    assert repro(root) == {"check", "reference", "compare", "report", "tune-baseline",  # tune: the first seed
+                           *(f"tune@{v}" for v in ("stl", "hps-ew", "hps-static")),
+                           *(f"{stage}@{v}-2" for stage in ("train", "evaluate")
+                             for v in ("stl", "hps-ew", "hps-static"))}
     assert len(json.loads((root / paths.COMPARE_JSON).read_text())["hps-ew"]["delta_m"]["per_seed"]) == 3
     assert repro(root) == set()
+
+
+def test_reference_none_then_lightgbm_reruns_only_the_reference_and_what_reads_it(restored_params):
+    """compare.reference: none leaves the trees out of compare and the report; back to lightgbm,
+    the same metrics as before (seeded, deterministic), restored without training a network."""
+    root = restored_params
+    before = json.loads((root / paths.REFERENCE_JSON).read_text())
+    assert set(before) == {"species", "sex", "body_mass"}
+    edit_params(root, lambda p: p["compare"].update(reference="none"))
+    assert repro(root) == {"check", "reference", "compare", "report"}
+    assert "_reference" not in json.loads((root / paths.COMPARE_JSON).read_text())
+    assert "(reference)" not in (root / paths.FULL_REPORT).read_text()
+    edit_params(root, lambda p: p["compare"].update(reference="lightgbm"))
+    repro(root)
+    assert json.loads((root / paths.REFERENCE_JSON).read_text()) == before
+    report = (root / paths.FULL_REPORT).read_text()
+    assert "| LightGBM (reference) |" in report and "LightGBM reference (one tree model" in report
 
 
 def test_metrics_plots_and_experiments_show(project):
@@ -135,7 +156,10 @@ def test_metrics_plots_and_experiments_show(project):
     header = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "Experiment|.*delta_m"],
                  root).stdout.splitlines()[0]  # the README's readable view
     assert set(header.split(",")) == {"Experiment", "stl.delta_m", "hps-ew.delta_m",
-                                      "hps-static.delta_m", "compare.delta_m"}
+                                      "hps-static.delta_m", "compare.delta_m",
+                                      "_reference.delta_m"}  # the trees' Δm beside the networks'
+    assert float(workspace["_reference.delta_m"]) == json.loads(
+        (root / paths.SUMMARY_JSON).read_text())["_reference"]["delta_m"]
 
 
 def test_own_csv_data_and_appended_rows_keep_their_split(tmp_path):
@@ -250,9 +274,13 @@ def test_a_hostile_variant_name_runs_no_shell_command(restored_params):
     edit_params(root, lambda p: p["variants"].update({hostile: {"arch": "hps"}}))
     result = run(["dvc", "repro"], root, check=False)
     assert result.returncode != 0 and f"variants.{hostile}: variant names may hold" in result.stderr
-    # Even skipping the check, the quoted name reaches `mtl train` as one argument, which refuses it.
+    # Even skipping the check, the name runs no shell command: DVC stops at the missing
+    # tuned/<name>.json (tune@<name> never ran), and were it there, the quoted name would reach
+    # `mtl train` as one argument, which refuses it.
     result = run(["dvc", "repro", "--single-item", f"train@{hostile}-0"], root, check=False)
-    assert result.returncode != 0 and f"variants.{hostile}: variant names" in result.stderr
+    assert result.returncode != 0 and f"tuned/{hostile}.json" in result.stderr
+    result = run(["mtl", "train", "--variant", hostile, "--seed", "0"], root, check=False)
+    assert result.returncode == 2 and f"variants.{hostile}: variant names" in result.stderr
     assert not (root / "pwned").exists()
 
 
@@ -272,3 +300,46 @@ def test_make_run_refuses_an_alias_bomb_in_seconds_before_dvc_starts(restored_pa
     assert "error: params.yaml: more than 100,000 values once its aliases are expanded" in result.stderr
     assert "dvc repro" not in result.stdout
     assert outputs(root, stages) == before
+
+
+def test_a_grouped_variant_is_chosen_trained_compared_and_rechosen(restored_params):
+    """arch: groups (issue 16): group@<variant> chooses the groups from the `from` variant's
+    affinity.json files; they are trained and compared, and a change upstream re-chooses them."""
+    root = restored_params
+    grouped = {"tag": {"arch": "groups", "arch_options": {"groups": {"from": "hps-ew", "max_groups": 2}}}}
+    edit_params(root, lambda p: p.update(grouped=grouped))
+    assert repro(root) == {"check", "group@tag", "compare", "report",
+                           *(f"{stage}_grouped@tag-{s}" for stage in ("train", "evaluate") for s in (0, 1))}
+    chosen = json.loads((root / "groupings/tag.json").read_text())
+    assert chosen["from"] == "hps-ew" and chosen["seeds"] == [0, 1] and len(chosen["runners_up"]) == 3
+    assert 1 <= len(chosen["groups"]) <= 2
+    assert sorted(t for g in chosen["groups"] for t in g) == ["body_mass", "sex", "species"]
+    info = json.loads((root / "models/tag/seed-1/train.json").read_text())
+    assert info["groups"] == chosen["groups"] and info["grouping"] == chosen
+    table = json.loads((root / paths.COMPARE_JSON).read_text())
+    assert table["tag"]["groups"] == chosen["groups"] and "groups" not in table["hps-ew"]
+    shown = " ".join("{" + ", ".join(g) + "}" for g in chosen["groups"])
+    assert f"| `tag` {shown} |" in (root / paths.REPORT).read_text()
+    assert f"affinity chose the groups {shown} (TAG), trained as `tag`" in (
+        root / paths.FULL_REPORT).read_text()
+
+    edit_params(root, lambda p: p["variants"]["hps-ew"].update(weighting="uw"))
+    ran = repro(root)
+    assert {"train@hps-ew-0", "group@tag", "train_grouped@tag-0", "compare"} <= ran
+    assert not any("stl" in stage or "static" in stage for stage in ran)
+    assert json.loads((root / "groupings/tag.json").read_text())["score"] != chosen["score"]
+    for folder in ("models/tag", "dvclive/tag", "metrics/variants/tag", "groupings"):
+        shutil.rmtree(root / folder)
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in (REPO / "examples").glob("*.yaml")))
+def test_each_example_has_every_section_that_dvc_reads(example):
+    """docs/data.md: copy an example to params.yaml for `dvc repro`, so each has every top-level
+    section that a stage of dvc.yaml lists in ``params`` or loops over with ``foreach``."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    read = {s["foreach"].strip("${}") for s in stages.values() if "foreach" in s}
+    for stage in stages.values():
+        for param in stage.get("do", stage).get("params", []):
+            read.add(re.split(r"[.$]", param, maxsplit=1)[0])
+    params = yaml.safe_load((REPO / "examples" / f"{example}.yaml").read_text())
+    assert read - set(params) == set()

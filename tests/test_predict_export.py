@@ -19,13 +19,12 @@ from typer.testing import CliRunner
 
 from mtl import paths
 from mtl.cli import app
-from mtl.config import load_params
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData, predict
-from mtl.stages import augment, export, ingest, split, train
+from mtl.stages import export
 from mtl.stages import predict as predict_stage
-from tests.helpers import REPO
+from tests.helpers import REPO, train_project
 from tests.test_faults import read_only
 
 VARIANT = "hps-ew"
@@ -39,14 +38,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["seeds"] = [0]
     raw["train"] |= {"epochs": 8, "batch_size": 64, "patience": 0}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        params = load_params()
-        for stage in (ingest, augment, split):
-            stage.run(params)
-        train.run(params, VARIANT, 0, resume=False)
-    return root
+    raw["encoders"]["numeric"] = "standard"  # ple and periodic: tests/test_numeric_encoders.py
+    return train_project(root, raw, VARIANT)
 
 
 @pytest.fixture

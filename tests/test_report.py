@@ -65,6 +65,8 @@ def project(tmp_path, monkeypatch):
                             [1 / (e + 1) if variant == "hps-uw" else 1.0 for e in epochs])
             if variant != "stl":
                 write_json(affinity(0.1 * seed), paths.model_dir(variant, seed) / "affinity.json")
+    write_json({"species": {"accuracy": 0.97, "f1_macro": 0.9, "auroc": 0.97},  # the trees
+                "body_mass": {"mae": 250.0, "rmse": 350.0, "r2": 0.85}}, paths.REFERENCE_JSON)
     compare.run(load_params(Path("params.yaml")))
     return tmp_path
 
@@ -84,6 +86,7 @@ def test_report_writes_png_plots_and_pages_that_link_them(project):
         assert f'<img src="plots/{name}"' in page and f"](plots/{name})" in markdown
     assert "<table>" in page and "<td><code>hps-uw</code></td>" in page
     assert "| `hps-uw` |" in markdown  # the comparison table, as compare wrote it
+    assert "| LightGBM (reference) | +" in markdown and "<td>LightGBM (reference)</td>" in page
     assert "better on one): `hps-uw`." in markdown  # best on both tasks: the only one not dominated
     sentences = describe([affinity(0.0), affinity(0.1)], alpha=0.05)
     assert any("conflict" in s for s in sentences)
@@ -167,7 +170,11 @@ def test_report_verdict_on_tiny_affinities_and_negative_delta_m(project):
     assert advice[0].startswith("Sharing hurt here: every variant is worse than `stl` beyond noise, "
                                 "the best measured, `hps-uw`, too (Δm -4.")
     assert advice[0].endswith(" Keep `stl`.")
-    assert advice[1] == ("The task affinity of `hps-ew`, `hps-uw` is inconclusive and suggests no "
+    assert advice[1].startswith("LightGBM reference (one tree model per task, one seed, not a "
+                                "variant): Δm +")  # where the trees stand, not ranked as a variant
+    assert advice[1].endswith(", better than every network: on this data the networks have yet to "
+                              "match the trees.")
+    assert advice[2] == ("The task affinity of `hps-ew`, `hps-uw` is inconclusive and suggests no "
                          "grouping (see Task affinity).")
     affinity = section(markdown, "Task affinity")
     assert affinity.count("- Inconclusive: the seeds do not bear out a choice") == 2
@@ -197,8 +204,8 @@ def test_verdict_puts_a_clear_grouping_as_a_hypothesis_next_to_what_was_measured
         "`stl`, the simpler model, unless more seeds show one."),
         ("A hypothesis to test, from `hps-ew`'s task affinity: {a, b} and {c} as two networks (the "
         "split gains +43.8% of a task's own step, p = 0.00027). No variant trains that grouping, so "
-        "the measurements above stand until one does: train each group as its own project and "
-        "compare."),
+        "the measurements above stand until one does: a `grouped` variant with `from: hps-ew` "
+        "trains it."),
         "The task affinity of `mmoe-ew` is inconclusive and suggests no grouping (see Task affinity)."]
 
 
@@ -214,3 +221,45 @@ def test_verdict_puts_a_clear_grouping_as_a_hypothesis_next_to_what_was_measured
 ], ids=["better", "one-seed", "baseline-only"])
 def test_verdict_follows_the_measured_delta_m(table, expected):
     assert verdict(table, "stl", {}) == [expected]
+
+
+def a_study(variant: str, direction: str, values: list, importances) -> dict:
+    states = ["pruned" if v is None else "complete" for v in values]
+    return {"variant": variant, "tuned": True, "objective": "an objective", "direction": direction,
+            "params": {"train.lr": 0.001, "train.hidden": [16]}, "value": 1.0,
+            "importances": importances,
+            "trials": [{"number": i, "state": s, "value": v, "params": {}}
+                       for i, (s, v) in enumerate(zip(states, values))]}
+
+
+def test_the_report_shows_each_tuned_variants_params_best_so_far_and_importances(project):
+    """compare.md states the budget; the report's tuning section gives each variant's chosen
+    params and importances (or why none), and the best-so-far plot."""
+    text = (project / "params.yaml").read_text()
+    assert "Not tuned (`tune.trials: 0`)" in (project / paths.REPORT).read_text()
+    (project / "params.yaml").write_text(text.replace("  trials: 0", "  trials: 4").replace(
+        "  epochs: null", "  epochs: 7"))
+    params = load_params(Path("params.yaml"))
+    for variant in VARIANTS:
+        importances = ("only 2 complete trial(s): too few to estimate importances"
+                       if variant == "hps-uw" else {"train.lr": 0.75, "train.hidden": 0.25})
+        chosen = a_study(variant, "maximize", [3.0, None, 1.0, 2.0], importances)
+        if variant == "stl":  # the baseline: one study per task
+            studies = {t: a_study(variant, "minimize", [3.0, None, 1.0, 2.0], importances)
+                       for t in params.data.tasks}
+            chosen = {"variant": "stl", "tuned": True, "params": {}, "studies": studies,
+                      "per_task": {t: study["params"] for t, study in studies.items()}}
+        write_json(chosen, paths.tuned_path(variant))
+    compare.run(params)
+    report.run(params)
+    budget = ("each variant 4 trials (the baseline `stl`: 4 for each task's network, on its own "
+              "validation loss), ≤ 7 epochs, pruned by median")
+    assert budget in (project / paths.REPORT).read_text()
+    tuning = section((project / paths.FULL_REPORT).read_text(), "Tuning")
+    assert budget in tuning
+    assert tuning.count("- chosen: `train.lr` = 0.001, `train.hidden` = [16]") == 2 + len(TASKS)
+    assert all(f"### `stl · {task}`" in tuning for task in params.data.tasks)
+    assert "`train.lr` 0.75, `train.hidden` 0.25" in tuning and "too few to estimate" in tuning
+    assert (project / paths.PLOTS_DIR / "tuning.png").read_bytes().startswith(PNG)
+    assert report.best_so_far(a_study("stl", "minimize", [3.0, None, 1.0, 2.0], {})) == ([0, 2, 3], [3.0, 1.0, 1.0])
+    assert report.best_so_far(a_study("x", "maximize", [3.0, None, 1.0, 4.0], {})) == ([0, 2, 3], [3.0, 3.0, 4.0])

@@ -4,6 +4,7 @@ the progress lines a stage prints when its output is a pipe (``dvc repro``, the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def test_a_data_stage_prints_a_line_every_ten_seconds_and_a_summary_in_a_log(cap
         progress.add(10)
         raise UserError("a bad split")
     assert capsys.readouterr().out == ""  # no summary for a stage that failed
+
+
+def test_a_data_stage_on_a_terminal_shows_a_live_line(capsys, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: stdout is a terminal
+    now = [100.0]
+    with Rows("split", clock=lambda: now[0]) as progress:
+        for _ in range(3):
+            now[0] += 4.0
+            progress.add(250_000)
+    out = capsys.readouterr().out
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)  # without colours and cursor moves
+    assert text.startswith("split: 750,000 rows, 62,500 rows/s\n") and "\x1b[1A\x1b[2K" in out  # erased
+    assert text.endswith("split: 750,000 rows in 12.0 s (62,500 rows/s)\n")
 
 
 # --- threads applied and recorded, progress in a pipe ---------------------------------------------
@@ -164,7 +178,8 @@ def test_the_thread_count_is_part_of_the_resume_fingerprint(project, monkeypatch
 
 
 @pytest.mark.parametrize("width", ["encoders.dim=8", "encoders.hashing.dim=4",
-                                   "encoders.image_channels=[8]"])
+                                   "encoders.image_channels=[8]", "encoders.numeric=periodic",
+                                   "encoders.periodic.sigma=0.1", "encoders.ple.bins=8"])
 def test_a_model_width_keeps_the_encoded_splits_but_not_the_resume_fingerprint(project, monkeypatch,
                                                                               width):
     """The encoded splits depend on the preprocessing only; a training run on all of encoders."""
@@ -174,6 +189,16 @@ def test_a_model_width_keeps_the_encoded_splits_but_not_the_resume_fingerprint(p
     key = encoded.data_fingerprint(before)
     assert train.fingerprint(before, VARIANT, 0, key) != train.fingerprint(after, VARIANT, 0, key)
     assert encoded.data_fingerprint(load_params(overrides=["encoders.hashing.buckets=64"])) != key
+
+
+@pytest.mark.parametrize("bins", ["encoders.numeric=ple", "encoders.ple.bins=8"])
+def test_ple_bins_are_part_of_the_encoded_splits_key(project, monkeypatch, bins):
+    """Fitted bins change the preprocessing: ``ple``, and its number of bins under ``ple``."""
+    monkeypatch.chdir(project)
+    ple = load_params(overrides=["encoders.numeric=ple"])
+    before = load_params() if bins == "encoders.numeric=ple" else ple
+    after = load_params(overrides=["encoders.numeric=ple", bins])
+    assert encoded.data_fingerprint(before) != encoded.data_fingerprint(after)
 
 # --- start-up: what a stage imports ---------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from mtl.sources import (
     tweets,
 )
 from mtl.stages import ingest
-from tests.helpers import REPO, env
+from tests.helpers import REPO, arch_options, env
 
 
 def needs(folder: str):
@@ -108,9 +108,11 @@ def train_every_arch(table: pa.Table, data: dict, tasks: list[Task], encoder: di
         for method in weightings:
             torch.manual_seed(0)
             bundle = Bundle.create(arch, tasks, prep, {"hidden": [32], "head_hidden": [16],
-                                                       "dropout": 0.0}, {}, encoder)
+                                                       "dropout": 0.0,
+                                                       "options": arch_options(arch, tasks)},
+                                   {}, encoder)
             logs: list[dict] = []
-            fit(bundle.model, tasks, weighting.build(method, names), train, val,
+            fit(bundle.model, tasks, weighting.for_model(bundle.model, method, names), train, val,
                 FitOptions(epochs=epochs, batch_size=64, lr=3e-3, seed=0),
                 on_epoch=lambda epoch, log, logs=logs: logs.append(log))
             val_loss = [sum(log[f"val/loss/{n}"] for n in names) for log in logs]

@@ -3,13 +3,14 @@ batch size (``mtl.io.BATCH_ROWS``), and the Parquet files are written in row gro
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 from mtl import io, paths, sources
-from mtl.config import load_params
+from mtl.config import SplitConfig, load_params
 from mtl.errors import UserError
 from mtl.stages import augment, ingest, split
 from tests.helpers import REPO
@@ -38,8 +39,69 @@ def test_batches_give_the_outputs_of_one_batch(tmp_path, monkeypatch):
     assert pq.ParquetFile(tmp_path / "one" / paths.INGESTED).num_row_groups == 1
     # means and standard deviations pooled over batches agree to rounding; all else exactly
     assert _approx(small["schema"], one["schema"])
-    for name in ("ingested", "augmented", *paths.SPLITS):
+    for name in ("ingested", "val", "test"):
         assert small[name].equals(one[name]), name
+    for name in ("augmented", "train"):  # the same rows; each batch's copies follow it
+        assert small[name].sort_by(paths.ID).equals(one[name].sort_by(paths.ID)), name
+
+
+def test_augment_without_copies_passes_the_ingested_file_through(tmp_path, monkeypatch):
+    """copies 0: augment writes nothing new (the same file), and split adds the source columns."""
+    out = run_stages(tmp_path, monkeypatch, 100, "augment.copies=0")
+    assert (tmp_path / paths.AUGMENTED).samefile(tmp_path / paths.INGESTED)
+    names = out["ingested"].column_names + [paths.SOURCE_ID, paths.AUGMENTED_FLAG]
+    assert sum(out[name].num_rows for name in paths.SPLITS) == out["ingested"].num_rows
+    for name in paths.SPLITS:
+        assert out[name].column_names == names
+        assert out[name][paths.SOURCE_ID].equals(out[name][paths.ID])
+        assert not any(out[name][paths.AUGMENTED_FLAG].to_pylist())
+
+
+def test_augment_draws_partners_from_a_bounded_pool_of_training_rows(tmp_path, monkeypatch):
+    """With a pool of one row (the training row whose key hashes smallest), copies of its class
+    move towards it and copies of other classes keep their source's values (noise off)."""
+    monkeypatch.setattr(augment, "POOL_ROWS", 1)
+    out = run_stages(tmp_path, monkeypatch, 50, "augment.noise=0", "augment.interpolate=1")
+    params = load_params(REPO / "params.yaml", ["data.source=penguins.parquet"])
+    train = out["ingested"].filter(split.assign(out["ingested"][paths.ID], params.split) == "train")
+    copies = out["augmented"].filter(out["augmented"][paths.AUGMENTED_FLAG])
+    assert copies[paths.SOURCE_ID].to_pylist() == train[paths.ID].to_pylist()  # one copy each, in order
+    assert copies[paths.ID].to_pylist() == [f"{i}#aug0" for i in train[paths.ID].to_pylist()]
+    floats = [f.name for f in train.schema if pa.types.is_floating(f.type)]
+    x, y = (np.array([t[c].to_numpy() for c in floats]) for t in (train, copies))
+    label = np.array(train["species"].to_pylist(), object)
+    keys = np.where(label != None, split.splitmix64_unit(train[paths.ID], "augment:0"), 2.0)
+    partner = keys.argmin()
+    moved = label == label[partner]
+    assert moved.sum() > 1 and (~moved).sum() > 1
+    np.testing.assert_array_equal(y[:, ~moved], x[:, ~moved])
+    towards = x[:, [partner]] - x[:, moved]
+    lam = (y[:, moved] - x[:, moved]) / np.where(towards == 0, np.nan, towards)
+    lam = lam[:, ~np.isnan(lam).all(axis=0)]  # not the partner itself
+    assert np.nanmax(lam, axis=0) == pytest.approx(np.nanmin(lam, axis=0))  # one λ a row, every column
+
+
+def test_a_project_keeps_its_splits():
+    """Penguins under the default params (row-content ids, ``split.hash: blake2b``): the first
+    rows' ids and splits, as every earlier version assigned them."""
+    params = load_params(REPO / "params.yaml", ["data.source=penguins"])
+    assert params.split.hash == SplitConfig().hash == "blake2b"  # a params file without the key too
+    table, _ = ingest.prepare(sources.penguins(), params.data, params.split.column)
+    ids = table[paths.ID].slice(0, 10)
+    assert ids.to_pylist() == ["8c21d60e84fb7cc7", "812faa6daf07621c", "12183e9df631f560",
+                               "46d601b2e7f8a411", "72b6c7cf118a863d", "6798b758f91bdad1",
+                               "c8f4341250de5022", "77781245728c19a6", "6c70deb2ed58fbd5",
+                               "452dc51951e52af3"]
+    assert split.assign(ids, params.split).tolist() == [
+        "train", "val", "train", "test", "train", "val", "val", "val", "train", "train"]
+
+
+def test_a_csv_file_is_read_in_batches_of_batch_rows(tmp_path, monkeypatch):
+    """pyarrow reads a CSV file in blocks of 1 MB (here some 20,000 rows); the stages get them
+    regrouped, since each batch costs them a few calls per column."""
+    monkeypatch.setattr(io, "BATCH_ROWS", 50_000)
+    pacsv.write_csv(pa.concat_tables([sources.penguins()] * 300), tmp_path / "p.csv")  # 103,200 rows
+    assert [b.num_rows for b in io.scan_table(tmp_path / "p.csv").batches()] == [50_000, 50_000, 3_200]
 
 
 def _approx(a: object, b: object) -> bool:

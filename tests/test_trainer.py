@@ -44,7 +44,7 @@ def run(data: TaskData, arch: str = "hps", method: str = "ew", method_options: d
         **kw):
     """Train a fresh model; returns (model, weighting, per-epoch logs)."""
     net, logs = model(arch), []
-    w = weighting.build(method, NAMES, options=method_options)
+    w = weighting.for_model(net, method, NAMES, options=method_options)
     fit(net, TASKS, w, data, data, options(**kw), on_epoch=lambda e, log: logs.append(log))
     return net, w, logs
 
@@ -168,16 +168,17 @@ def scramble_rng() -> None:
     ("hps", "famo", None), ("hps", "rlw", None), ("hps", "db_mtl", None), ("hps", "gradnorm", None),
     ("hps", "imtl", None),
     # 8 steps an epoch: the resumed run's first step (24) reuses the weights of step 20
-    ("hps", "nash_mtl", {"update_weights_every": 5})])
+    ("hps", "nash_mtl", {"update_weights_every": 5}),
+    ("groups", "famo", None)])  # a weighting per group, each with its state
 def test_resume_gives_bit_identical_weights(data, tmp_path, arch, method, method_options):
     """6 epochs in one go, or 3 epochs and then a resumed run to 6: the same final weights."""
     whole, w_whole, logs = run(data, arch, method, method_options)
     first = model(arch)
-    fit(first, TASKS, weighting.build(method, NAMES, options=method_options), data, data,
+    fit(first, TASKS, weighting.for_model(first, method, NAMES, options=method_options), data, data,
         options(epochs=3), checkpoint=tmp_path / "checkpoint.pt")
     scramble_rng()
     resumed, later = model(arch), []
-    w_resumed = weighting.build(method, NAMES, options=method_options)
+    w_resumed = weighting.for_model(resumed, method, NAMES, options=method_options)
     result = fit(resumed, TASKS, w_resumed, data, data, options(), on_epoch=lambda e, log: later.append(log),
                  checkpoint=tmp_path / "checkpoint.pt", resume=True)
     assert result.resumed_at == 3 and result.epochs_run == 6 and later == logs[3:]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchjd import aggregation
 
-from mtl.engine import WEIGHTING_OPTIONS, archs, weighting
+from mtl.engine import WEIGHTING_OPTIONS, archs, gradients, weighting
 from mtl.engine.encoders import TabularEncoder, TabularPreprocessor
 from mtl.engine.trainer import FitOptions, TaskData, fit
 from mtl.engine.weighting import Step
@@ -335,7 +335,7 @@ def test_nash_mtl_weights_are_the_official_codes_where_its_solver_converges(seed
     g = torch.Generator().manual_seed(seed)
     grads = 10.0 ** (seed % 5 - 2) * torch.randn(2 + seed % 4, 20, generator=g, dtype=torch.float64)
     official = aggregation.NashMTL(n_tasks=len(grads), max_norm=0.0).weighting(grads)
-    ours = weighting.nash_bargaining(grads @ grads.T)
+    ours = gradients.nash_bargaining(grads @ grads.T)
     assert torch.allclose(ours, official, rtol=1e-4)
 
 

@@ -7,7 +7,9 @@ are these options (tests check they agree).
 """
 
 # Each architecture and its options (a variant's ``arch_options``) with their defaults.
-ARCH_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
+# ``groups``: the partition, a list of lists of task names (``mtl.config`` also takes
+# ``{from: <variant>, max_groups: N}`` and resolves it before the model is built).
+ARCH_OPTIONS: dict[str, dict[str, float | int | bool | str | list | None]] = {
     "hps": {},
     "stl": {},
     "mmoe": {"experts": 4},
@@ -15,6 +17,7 @@ ARCH_OPTIONS: dict[str, dict[str, float | int | bool | str]] = {
     "ple": {"shared_experts": 2, "task_experts": 1, "levels": 2},
     "cross_stitch": {},
     "mtan": {},
+    "groups": {"groups": None, "inner": "hps"},
 }
 ARCHITECTURES = tuple(ARCH_OPTIONS)
 

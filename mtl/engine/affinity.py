@@ -11,8 +11,10 @@
 Row i of each K×K matrix is the task taking the step, column j the task measured. A task without
 a labelled row in a batch (or, for the cosine, with a zero gradient) gives NaN there, which the
 averages ignore. The paper measures Z at every training step; ``AffinityProbe`` measures both on
-a few fixed training batches after each epoch. Measuring changes nothing: the model's weights,
-``.grad``, train/eval modes and every random state stay as they were.
+a few fixed training batches after the first epoch and every ``every``-th after it: a sample of
+the same quantities over training, at 1/``every`` of the cost of measuring after each epoch.
+Measuring changes nothing: the model's weights, ``.grad``, train/eval modes and every random
+state stay as they were.
 """
 
 from __future__ import annotations
@@ -47,18 +49,28 @@ def lookahead_affinity(model: nn.Module, tasks: Sequence[Task], data: TaskData,
 class AffinityProbe:
     """Both measures on ``batches`` fixed training batches of ``batch_size`` rows, drawn once with
     a generator of its own (and held on ``device``, by default the data's); ``measure`` after
-    each epoch, ``summary`` for the mean over epochs."""
+    the epochs ``due`` names (0, every, 2 every, ... counting from 0), ``summary`` for the mean
+    over the epochs measured."""
 
     def __init__(self, tasks: Sequence[Task], data: TaskData, batches: int, batch_size: int,
-                 seed: int, device: torch.device | None = None):
-        self.tasks = list(tasks)
+                 seed: int, device: torch.device | None = None, every: int = 1):
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        self.tasks, self.every = list(tasks), every
         rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
         self.batches = [data.take(r.to(data.device)).to(device or data.device)
                         for r in rows.split(batch_size)[:batches]]
         self.history: list[dict[str, np.ndarray]] = []  # per epoch measured
+        self.epochs: list[int] = []  # the epoch of each entry of history
 
-    def measure(self, model: nn.Module, lr: float) -> dict[str, np.ndarray]:
-        """Both K×K matrices, averaged over the batches; also appended to ``history``."""
+    def due(self, epoch: int) -> bool:
+        """Whether to measure after ``epoch`` (counted from 0): the first and every ``every``-th."""
+        return epoch % self.every == 0
+
+    def measure(self, model: nn.Module, lr: float, epoch: int | None = None
+                ) -> dict[str, np.ndarray]:
+        """Both K×K matrices, averaged over the batches; also appended to ``history``, as
+        measured after ``epoch`` (by default the count of earlier measurements)."""
         per_batch = []
         with _evaluating(model):
             for batch in self.batches:
@@ -66,6 +78,7 @@ class AffinityProbe:
                 per_batch.append({"cosine": _cosines(grads),
                                   "lookahead": _lookahead(model, self.tasks, batch, losses, grads, lr)})
         result = {kind: nanmean([m[kind] for m in per_batch]) for kind in KINDS}
+        self.epochs.append(len(self.history) if epoch is None else epoch)
         self.history.append(result)
         return result
 
@@ -75,19 +88,21 @@ class AffinityProbe:
         return {"tasks": [t.name for t in self.tasks],
                 **{kind: to_json(nanmean([h[kind] for h in self.history], (k, k)))
                    for kind in KINDS},
-                "epochs": len(self.history)}
+                "epochs": len(self.history), "every": self.every}
 
     def state_dict(self) -> dict:
-        """Every epoch's matrices, JSON-ready, to resume from with ``load_state_dict``."""
-        return {"tasks": [t.name for t in self.tasks],
+        """Every measured epoch's matrices, JSON-ready, to resume from with ``load_state_dict``."""
+        return {"tasks": [t.name for t in self.tasks], "epochs": self.epochs,
                 "history": [{kind: to_json(h[kind]) for kind in KINDS} for h in self.history]}
 
     def load_state_dict(self, state: dict, epochs: int) -> None:
-        """Take back the first ``epochs`` epochs of ``state``."""
+        """Take back what ``state`` measured after the first ``epochs`` epochs."""
         if state["tasks"] != [t.name for t in self.tasks]:
             raise ValueError(f"affinity state of tasks {state['tasks']}, not of this run's")
-        self.history = [{kind: from_json(h[kind]) for kind in KINDS}
-                        for h in state["history"][:epochs]]
+        kept = [(e, h) for e, h in zip(state["epochs"], state["history"], strict=True)
+                if e < epochs]
+        self.epochs = [e for e, _ in kept]
+        self.history = [{kind: from_json(h[kind]) for kind in KINDS} for _, h in kept]
 
 
 @contextlib.contextmanager

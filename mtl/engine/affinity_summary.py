@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from mtl.engine.grouping import score as grouping_score
+
 KINDS = ("cosine", "lookahead")
 MAX_GROUPED_TASKS = 8  # describe() scores groupings of at most this many tasks
 NEGLIGIBLE = 0.05
@@ -82,14 +84,14 @@ def grouping(runs: Sequence[dict], alpha: float) -> Grouping | None:
     if not 2 <= k <= MAX_GROUPED_TASKS or np.isnan(z).all():
         return None
     one = [list(range(k))]
-    split = max(_two_groups(k), key=lambda groups: _grouping_score(z, groups))
+    split = max(_two_groups(k), key=lambda groups: grouping_score(z, groups))
     gains = []
     for run in runs:
         zr = from_json(run["lookahead"])
         own = np.nanmean(np.diag(zr)) if np.isfinite(np.diag(zr)).any() else math.nan
         if own > 0:
-            gains.append((_grouping_score(zr, split) - _grouping_score(zr, one)) / own)
-    return Grouping(split, _grouping_score(z, split), _grouping_score(z, one), gains,
+            gains.append((grouping_score(zr, split) - grouping_score(zr, one)) / own)
+    return Grouping(split, grouping_score(z, split), grouping_score(z, one), gains,
                     one_sample_p(gains), alpha)
 
 
@@ -159,15 +161,6 @@ def grouping_sentence(found: Grouping, names: list[str]) -> str:
     return f"One network for all tasks scores best: better than the best split, {shown} ({scores}; {noise})."
 
 
-def _grouping_score(z: np.ndarray, groups: list[list[int]]) -> float:
-    scores = []
-    for group in groups:
-        for j in group:
-            onto = [z[i, j] for i in group if i != j and np.isfinite(z[i, j])]
-            scores.append(float(np.mean(onto)) if onto else 0.0)
-    return float(np.mean(scores))
-
-
 def _two_groups(k: int) -> Iterator[list[list[int]]]:
     """Every split of tasks 0..k-1 into two non-empty groups, each once (task k-1 in the second)."""
     for bits in range(1, 2 ** (k - 1)):
@@ -184,6 +177,16 @@ def nanmean(matrices: Sequence[np.ndarray], shape: tuple[int, ...] | None = None
     count = finite.sum(0)
     total = np.where(finite, stacked, 0.0).sum(0)
     return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+
+
+def lower_bound(runs: Sequence[np.ndarray], k: float) -> np.ndarray:
+    """Per entry, the mean over ``runs`` (K×K affinities, NaN = not measured) less ``k``
+    standard errors of that mean (sample std / sqrt(n)); the plain mean where fewer than two
+    runs measured the entry."""
+    mean = nanmean(runs)
+    count = np.isfinite(np.stack(runs)).sum(0)
+    variance = nanmean([(m - mean) ** 2 for m in runs])  # over the n finite runs, divided by n
+    return np.where(count >= 2, mean - k * np.sqrt(variance / np.maximum(count - 1, 1)), mean)
 
 
 def to_json(matrix: np.ndarray) -> list[list[float | None]]:

@@ -12,6 +12,9 @@ Every model maps ``inputs`` (a dict of tensors) to ``{task name: output}`` and a
 - ``selection_groups()``: (tasks, module) pairs; the tasks' summed validation loss picks the best
   epoch of the module's weights.
 
+A module with ``lr_scales() -> [Scaled]`` trains those parameters at their own learning rate
+(a fine-tuned encoder's layers, an ``stl`` member with its own settings).
+
 A model reads its encoder only through ``encoder(inputs) -> [N, encoder.out_dim]``.
 """
 
@@ -19,12 +22,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mtl.engine import ARCH_OPTIONS
 from mtl.engine.tasks import Task
+
+
+class Scaled(NamedTuple):
+    """Parameters that train at ``lr * factor``, with ``weight_decay`` when it is set."""
+
+    params: list[nn.Parameter]
+    factor: float
+    weight_decay: float | None = None
+
+
+def scaled_groups(module: nn.Module) -> list[Scaled]:
+    """The ``lr_scales()`` of ``module`` or, where it has none, of the outermost modules under it
+    that have one (an ``stl`` member's own settings then wrap its fine-tuned encoder's)."""
+    if hasattr(module, "lr_scales"):
+        return [Scaled(*group) for group in module.lr_scales()]
+    return [group for child in module.children() for group in scaled_groups(child)]
 
 
 def mlp(in_dim: int, widths: Sequence[int], dropout: float) -> nn.Sequential:
@@ -97,13 +117,36 @@ class HPS(nn.Module):
 class STL(nn.Module):
     """Single-task learning: an independent network per task, the baseline of Δm. The members
     share no parameter, so training them in one loop with AdamW equals training each alone;
-    each keeps the weights of its own best validation epoch."""
+    each keeps the weights of its own best validation epoch.
+
+    ``per_task``: a member's own ``hidden``, ``head_hidden``, ``dropout``, and learning-rate
+    factor and weight decay (``lr_factor``, ``weight_decay``: its optimizer group), which the
+    baseline's per-task tuning chooses."""
 
     def __init__(self, make_encoder: Callable[[], nn.Module], tasks: Sequence[Task],
-                 hidden: Sequence[int], head_hidden: Sequence[int], dropout: float):
+                 hidden: Sequence[int], head_hidden: Sequence[int], dropout: float,
+                 per_task: dict[str, dict]):
         super().__init__()
-        self.members = nn.ModuleDict({
-            t.name: HPS(make_encoder(), [t], hidden, head_hidden, dropout) for t in tasks})
+        self.per_task = per_task
+        layers = {"hidden": hidden, "head_hidden": head_hidden, "dropout": dropout}
+        self.members = nn.ModuleDict({t.name: HPS(make_encoder(), [t], **(layers | {
+            k: v for k, v in self.per_task.get(t.name, {}).items() if k in layers}))
+            for t in tasks})
+
+    def lr_scales(self) -> list[Scaled]:
+        """Each member with settings as its own group, at its factor and weight decay; the
+        fine-tuned layers inside a member at their factor times the member's."""
+        groups = []
+        for name, member in self.members.items():
+            own, inner = self.per_task.get(name, {}), scaled_groups(member)
+            factor, decay = own.get("lr_factor", 1.0), own.get("weight_decay")
+            groups += [Scaled(g.params, g.factor * factor,
+                              decay if g.weight_decay is None else g.weight_decay) for g in inner]
+            apart = {id(p) for g in inner for p in g.params}
+            if own:
+                groups.append(Scaled([p for p in member.parameters()
+                                      if p.requires_grad and id(p) not in apart], factor, decay))
+        return groups
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: member(inputs)[name] for name, member in self.members.items()}
@@ -362,21 +405,77 @@ class MTAN(nn.Module):
         return [(list(self.heads), self)]
 
 
+class Groups(nn.Module):
+    """Task groupings (Fifty, Amid, Zhao, Yu, Anil, Finn 2021, "Efficiently Identifying Task
+    Groupings for Multi-Task Learning"; Standley et al. 2020): the tasks are partitioned into
+    ``groups`` (lists of task names), and each group is its own network: ``inner`` (default
+    ``hps``, with its default options) over a group of two or more tasks, a single-task network
+    (``hps`` over the one task, as each of ``stl``'s) over a group of one. The networks share
+    nothing. They are built group by group, in order, each from a fresh encoder, so one group
+    per task (in task order) creates ``stl``'s parameters and one group of all ``inner``'s, from
+    the same random state.
+
+    ``shared_parameters()``: those shared within a group (each network's own), so that the
+    affinity probe measures pairs within a group; a step for a task leaves every other group's
+    loss unchanged, so a pair across groups measures 0. No layer is shared by every task:
+    ``last_shared_layer()`` is empty, and the variant's weighting runs per group on each
+    network's own shared parameters and last shared layer (``weighting.PerGroup``).
+    """
+
+    def __init__(self, make_encoder: Callable[[], nn.Module], tasks: Sequence[Task],
+                 hidden: Sequence[int], head_hidden: Sequence[int], dropout: float,
+                 groups: Sequence[Sequence[str]] | None = None, inner: str = "hps"):
+        super().__init__()
+        if inner not in _CLASSES:
+            raise ValueError(f"inner: '{inner}' is not an architecture of one network "
+                             f"({', '.join(_CLASSES)})")
+        by_name = {t.name: t for t in tasks}
+        if groups is None or sorted(n for g in groups for n in g) != sorted(by_name) or not all(groups):
+            raise ValueError(f"groups: {groups} must list each task ({', '.join(by_name)}) once")
+        self.groups = [list(g) for g in groups]
+        self.order = [t.name for t in tasks]
+        self.members = nn.ModuleList(
+            _CLASSES[inner if len(g) > 1 else "hps"](
+                make_encoder(), [by_name[n] for n in g], hidden, head_hidden, dropout)
+            for g in self.groups)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = {name: out for member in self.members for name, out in member(inputs).items()}
+        return {name: outputs[name] for name in self.order}
+
+    def forward_with_features(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], None]:
+        return self(inputs), None
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for member in self.members for p in member.shared_parameters()]
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return []
+
+    def selection_groups(self) -> list[tuple[list[str], nn.Module]]:
+        return [group for member in self.members for group in member.selection_groups()]
+
+
 _CLASSES = {"hps": HPS, "mmoe": MMoE, "cgc": CGC, "ple": PLE, "cross_stitch": CrossStitch,
             "mtan": MTAN}
 
 
 def build(arch: str, make_encoder: Callable[[], nn.Module], tasks: Sequence[Task],
           hidden: Sequence[int], head_hidden: Sequence[int], dropout: float,
-          options: dict | None = None) -> nn.Module:
+          options: dict | None = None, per_task: dict[str, dict] | None = None) -> nn.Module:
     """The model named ``arch`` (one of ``mtl.engine.ARCHITECTURES``); ``options`` override the
-    defaults in ``ARCH_OPTIONS[arch]``."""
+    defaults in ``ARCH_OPTIONS[arch]``; ``per_task``: ``stl``'s members' own settings."""
     if arch not in ARCH_OPTIONS:
         raise ValueError(f"unknown architecture '{arch}'")
     unknown = set(options or {}) - set(ARCH_OPTIONS[arch])
     if unknown:
         raise ValueError(f"architecture '{arch}' has no option {sorted(unknown)}")
+    if per_task and arch != "stl":
+        raise ValueError(f"per-task settings are for arch 'stl', not '{arch}'")
     if arch == "stl":
-        return STL(make_encoder, tasks, hidden, head_hidden, dropout)
+        return STL(make_encoder, tasks, hidden, head_hidden, dropout, per_task or {})
+    if arch == "groups":
+        return Groups(make_encoder, tasks, hidden, head_hidden, dropout,
+                      **(ARCH_OPTIONS[arch] | (options or {})))
     return _CLASSES[arch](make_encoder(), tasks, hidden, head_hidden, dropout,
                           **(ARCH_OPTIONS[arch] | (options or {})))

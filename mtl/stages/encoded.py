@@ -29,6 +29,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData
 from mtl.errors import UserError
 from mtl.io import mismatch, read_json, scan_table, temp_dir, writing
+from mtl.stages.common import check_types, require_columns
 
 ENGINE_CODE = Path(__file__).resolve().parents[1] / "engine"
 PREPROCESSING = "preprocessing.json"
@@ -41,10 +42,14 @@ def file_digest(path: Path) -> bytes:
 
 
 def preprocessing(params: Params) -> dict:
-    """The ``encoders`` settings that ``Preprocessor.fit`` reads; the rest (the widths
-    ``encoders.dim``, ``hashing.dim`` and ``image_channels``) shape only the model."""
+    """The ``encoders`` settings that ``Preprocessor.fit`` reads (``finetune.max_length`` when
+    fine-tuning: token ids are stored; the ``ple`` bins only where ``numeric`` is ``ple``); the
+    rest (the widths ``encoders.dim``, ``hashing.dim`` and ``image_channels``, ``periodic``, the
+    other ``finetune`` settings) shape only the model."""
     enc = params.encoders
-    return {"text": enc.text, "hashing": enc.hashing.model_dump(exclude={"dim"})}
+    tokens = {"max_length": enc.finetune.max_length} if enc.finetune.layers else {}
+    return {"text": enc.text, "hashing": enc.hashing.model_dump(exclude={"dim"}),
+            "bins": enc.ple.bins if enc.numeric == "ple" else None} | tokens
 
 
 def data_fingerprint(params: Params) -> str:
@@ -125,6 +130,23 @@ def _encode(preprocessor: Preprocessor, tasks: list[Task], root: Path) -> None:
         os.replace(work, root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def read_inputs(params: Params, splits: tuple[str, ...]) -> dict:
+    """schema.json, checked against the params and the ``splits`` (their columns and types)."""
+    schema = read_json(paths.SCHEMA)
+    check_schema(schema, params)
+    kinds = {name: feature["kind"] for name, feature in schema["features"].items()}
+    kinds |= {column: task.kind for task in params.data.tasks.values() for column in task.columns}
+    for split in splits:
+        columns = scan_table(paths.split_path(split)).schema
+        require_columns(columns, paths.split_path(split), params)
+        missing = [f for f in schema["features"] if f not in columns.names]
+        if missing:
+            raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
+                            f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
+        check_types(columns, paths.split_path(split), kinds)
+    return schema
 
 
 def check_schema(schema: object, params: Params) -> None:

@@ -1,5 +1,5 @@
 """evaluate@<variant>-<seed>: a trained model and the test split -> per-task test metrics
-(``metrics/variants/<variant>/seed-<seed>.json``; accuracy, macro-F1 and AUROC for classification, MAE, RMSE
+(``metrics/variants/<variant>/seed-<seed>.json``, with ``_groups`` for ``arch: groups``; accuracy, macro-F1 and AUROC for classification, MAE, RMSE
 and R² for regression, over labelled rows only, as torchmetrics defines them:
 ``mtl.engine.metrics``).
 
@@ -12,10 +12,12 @@ import math
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 
 from mtl import paths
 from mtl.config import Params
 from mtl.engine.checkpoint import Bundle
+from mtl.engine.tasks import Task
 from mtl.engine.trainer import TaskData, predict
 from mtl.errors import UserError
 from mtl.io import check_writable, read_table, remove_leftovers, write_json
@@ -30,8 +32,11 @@ def run(params: Params, variant: str, seed: int) -> None:
     table = read_table(test_path)
     check_labelled(table, test_path, params, bundle)
     metrics = score(bundle, table)
+    if bundle.arch == "groups":  # compare shows a grouped variant's groups next to its Δm
+        metrics[paths.GROUPS] = bundle.layers["options"]["groups"]
     write_json(metrics, paths.variant_metrics(variant, seed))
-    summary = "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in m.items()) for t, m in metrics.items())
+    summary = "; ".join(f"{t}: " + ", ".join(f"{k} {v}" for k, v in m.items())
+                        for t, m in metrics.items() if t != paths.GROUPS)
     print(f"evaluate@{variant}-{seed}: {summary}")
 
 
@@ -39,12 +44,21 @@ def score(bundle: Bundle, table: pa.Table) -> dict[str, dict[str, float | int | 
     """Each task's metrics over the labelled rows of ``table`` (rounded to 6 decimals, None where
     undefined), with ``n_test``, the rows with a label (with at least one, for multilabel)."""
     data = TaskData.from_table(table, bundle.preprocessor, bundle.tasks)
-    outputs = predict(bundle.model, data.inputs)
+    return score_outputs(bundle.tasks, predict(bundle.model, data.inputs), data.targets, data.masks)
+
+
+def score_outputs(tasks: list[Task], outputs: dict[str, torch.Tensor],
+                  targets: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+                  ) -> dict[str, dict[str, float | int | None]]:
+    """Each task's metrics of the model ``outputs`` (raw scores, as the model's forward pass
+    gives them) against ``targets`` over the rows ``masks`` marks labelled, as ``score`` writes
+    them; the gradient-boosting reference (``mtl.stages.reference``) is scored here too."""
     metrics = {}
-    for task in bundle.tasks:
-        values = task.metrics(outputs[task.name], data.targets[task.name], data.masks[task.name])
+    for task in tasks:
+        mask = masks[task.name]
+        values = task.metrics(outputs[task.name], targets[task.name], mask)
         metrics[task.name] = {k: (round(v, 6) if math.isfinite(v) else None) for k, v in values.items()}
-        metrics[task.name]["n_test"] = int(data.masks[task.name].reshape(len(data), -1).any(1).sum())
+        metrics[task.name]["n_test"] = int(mask.reshape(len(mask), -1).any(1).sum())
     return metrics
 
 
@@ -60,7 +74,7 @@ def score_file(params: Params, input_path: Path | None, output: Path | None, var
                         "FILE.json go together (to score a labelled file)")
     if Path(output).suffix != ".json":
         raise UserError(f"--output: '{output}' must end in .json")
-    variants = [variant] if variant else list(params.variants)
+    variants = [variant] if variant else list(params.all_variants)
     runs = [(v, s) for v in variants for s in seeds_of(params, seeds)]
     bundles = {run: load_model(params, *run) for run in runs}
     table = read_table(input_path)

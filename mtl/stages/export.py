@@ -3,7 +3,9 @@ this package, optionally pruned and with int8 weights, plus two JSON files next 
 
 - ``<PATH>.json``: the inputs (names, dtypes, shapes), the outputs (one raw tensor per task, in
   task order) and how to read them (classes, regression mean and std), the preprocessing
-  state that turns a table into the inputs, and the SHA-256 of the ``model.pt`` it came from;
+  state that turns a table into the inputs (for a fine-tuned MiniLM, ``tokenizer`` names the
+  tokenizer that makes its token ids and masks), and the SHA-256 of the ``model.pt`` it came
+  from;
 - ``<PATH>.metrics.json``: the test-split metrics of the float model and of the exported file
   (as ``evaluate`` computes them), and their change.
 
@@ -11,10 +13,12 @@ The network is wrapped to take positional tensors and return a tuple, since expo
 dicts poorly. TorchScript comes from ``torch.jit.trace`` (``torch.jit.script`` rejects most
 architectures); ONNX from ``torch.onnx.export``'s torch.export-based exporter, run with
 onnxruntime. ``int8``: dynamic quantization of the Linear layers, int8 weights per output
-channel and activations quantized at run time; embeddings and convolutions stay float.
+channel and activations quantized at run time; embeddings, convolutions and the per-column
+layers of periodic numeric embeddings stay float.
 TorchScript uses ``torch.ao.quantization.quantize_dynamic``, ONNX onnxruntime's
-``quantize_dynamic`` (MatMul and Gemm). ``--prune``: global magnitude pruning of the Linear
-weights (see ``pruned``), before int8 when both are asked for."""
+``quantize_dynamic`` (MatMul and Gemm). A fine-tuned MiniLM is exported inside the network, its
+token inputs with dynamic batch and sequence axes. ``--prune``: global magnitude pruning of the
+Linear weights (see ``pruned``), before int8 when both are asked for."""
 
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch.nn.utils import prune
 from mtl import paths
 from mtl.config import Params
 from mtl.engine.checkpoint import Bundle, versions
+from mtl.engine.text import MINILM_TOKENIZER, MiniLMTokens, token_axis
 from mtl.engine.trainer import TaskData, predict
 from mtl.errors import UserError
 from mtl.io import atomic_path, read_table, write_json
@@ -128,8 +133,8 @@ def _torchscript(model: Exported, example: tuple, path: Path, int8: bool) -> Run
 def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: bool) -> Runner:
     with needs_extra("--format onnx"):
         from onnxruntime.quantization import QuantType, quantize_dynamic
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} | ({1: torch.export.Dim("tokens")} if name == "text" else {})
+    axes = {axis: torch.export.Dim(axis) for axis in ["batch", *map(token_axis, names)] if axis}
+    shapes = tuple({0: axes["batch"]} | ({1: axes[token_axis(name)]} if token_axis(name) else {})
                    for name in names)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = Path(scratch) / "fp32.onnx" if int8 else path
@@ -138,8 +143,21 @@ def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: b
                           dynamic_shapes={"tensors": shapes}, external_data=False, verbose=False)
         if int8:
             quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"])
+                             op_types_to_quantize=["MatMul", "Gemm"],
+                             nodes_to_exclude=_batched_matmuls(fp32))
     return onnx_runner(str(path), names)
+
+
+def _batched_matmuls(path: Path) -> list[str]:
+    """The MatMul nodes of the ONNX file ``path`` whose weight is not a matrix (the per-column
+    layers of periodic embeddings): onnxruntime's per-channel int8 cannot take them, and
+    TorchScript's int8 keeps them float too (they are not ``nn.Linear``)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    return [n.name for n in graph.node
+            if n.op_type == "MatMul" and any(ranks.get(i, 2) > 2 for i in n.input)]
 
 
 def onnx_runner(model: str | bytes, names: list[str], threads: int = 0) -> Runner:
@@ -209,7 +227,7 @@ def _rounded(values: dict[str, float]) -> dict[str, float | None]:
 def _describe(bundle: Bundle, data: TaskData, fmt: str, int8: bool, file: str) -> dict:
     """What a user of the exported file needs: input and output layout, decoding, preprocessing."""
     def dims(name: str, shape: torch.Size) -> list:
-        return ["batch", *(["tokens"] if name == "text" else shape[1:])]
+        return ["batch", *([token_axis(name)] if token_axis(name) else shape[1:])]
 
     inputs = [{"name": f"input_{k}", "key": k, "dtype": str(v.dtype).removeprefix("torch."),
                "shape": dims(k, v.shape)} for k, v in data.inputs.items()]
@@ -217,10 +235,12 @@ def _describe(bundle: Bundle, data: TaskData, fmt: str, int8: bool, file: str) -
                 "shape": ["batch", t.out_dim], "decode": DECODE[t.kind]}
                | ({"mean": t.mean, "std": t.std} if t.kind == "regression" else {"classes": list(t.classes)})
                for t in bundle.tasks]
+    tokens = isinstance(bundle.preprocessor.text, MiniLMTokens)
     return {"file": file, "format": fmt, "int8": int8, "arch": bundle.arch,
             "variant": bundle.info.get("variant"), "seed": bundle.info.get("seed"),
             "inputs": inputs, "outputs": outputs,
-            "preprocessing": bundle.preprocessor.state(), "versions": versions()}
+            "preprocessing": bundle.preprocessor.state(), "versions": versions()} | (
+        {"tokenizer": MINILM_TOKENIZER} if tokens else {})
 
 
 def _table(report: dict) -> str:

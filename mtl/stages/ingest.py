@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -68,13 +69,14 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None],
     schema record; ``split_column`` (``split.column``) is kept, as text. Checks that need the
     whole table run once it has been read, in a fixed order, so the first problem reported does
     not depend on the batch size."""
-    head = 0
-    for batch in scan.batches():
-        head += batch.num_rows
-        if head >= 2:
+    batches, head, n_head = scan.batches(), [], 0  # the first batches: read once, checked first
+    for batch in batches:
+        head.append(batch)
+        n_head += batch.num_rows
+        if n_head >= 2:
             break
-    if head < 2:
-        raise UserError(f"data.source: '{data.source}' holds {'no rows' if head == 0 else 'a single row'}"
+    if n_head < 2:
+        raise UserError(f"data.source: '{data.source}' holds {'no rows' if n_head == 0 else 'a single row'}"
                         "; train, validation and test splits need more")
     names = scan.schema.names
     check_reserved(names)
@@ -106,7 +108,7 @@ def ingest(scan: Scan, data: DataConfig, write: Callable[[pa.Table], None],
             kind = {"multilabel": "flags", "regression": "numeric"}.get(task.kind, "categorical")
             targets[c] = _Column(c, kind, what, data)
     n_rows, labelled, unhashable = 0, collections.Counter(), None
-    for batch in scan.batches():
+    for batch in itertools.chain(head, batches):
         try:
             columns = {paths.ID: ids.add(batch, n_rows) if ids else _content_ids(batch)}
         except pa.ArrowException as exc:  # a column that has no text form: raised after the feature checks

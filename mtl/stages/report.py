@@ -9,7 +9,8 @@ The plots (matplotlib figures rendered by Agg, no display needed), curves averag
 - ``pareto.png``: for each pair of tasks, every variant's change against the baseline on the
   task's (first) metric that Δm counts (in %, signed so that up and right are better); the
   baseline sits at the origin, and variants that no other variant beats on both tasks are filled;
-- ``affinity-<variant>.png``: the task-affinity matrices of each variant that recorded them.
+- ``affinity-<variant>.png``: the task-affinity matrices of each variant that recorded them;
+- ``tuning.png``: with ``tune.trials`` > 0, each variant's best objective so far over its trials.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from mtl.io import (
     replace_dirs,
     temp_dir,
 )
-from mtl.stages.compare import delta_m_metrics
+from mtl.stages import tuned
+from mtl.stages.compare import REFERENCE, delta_m_metrics
 from mtl.stages.verdict import verdict
 
 Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # epochs, mean and std over seeds
@@ -53,11 +55,13 @@ def run(params: Params) -> None:
         if not path.is_file():
             raise UserError(f"{path}: file not found (run 'mtl compare' or 'dvc repro compare' first)")
     baseline, seeds = params.compare.baseline, params.seeds
-    table = read_comparison(baseline)
+    table, ref = read_comparison(baseline)
     tasks = list(table[baseline]["tasks"])
     used = delta_m_metrics(params, {t: list(ms) for t, ms in table[baseline]["tasks"].items()})
     firsts = {t: ms[0] for t, ms in used.items() if ms}
     runs = {v: r for v in table if (r := affinity_runs(v, seeds))}
+    studies = {k: v for name in params.variants for k, v in read_studies(name).items()
+               } if params.tune.trials else {}
     affinity = {v: mean_over_runs(r) for v, r in runs.items()}
     figures = {
         "val_loss.png": curves_figure(
@@ -65,13 +69,18 @@ def run(params: Params) -> None:
         "weights.png": curves_figure(
             {v: {t: mean_curve(v, seeds, f"weight/{t}") for t in tasks} for v in table}, "task weight"),
         "pareto.png": pareto_figure(table, baseline, firsts),
+        "tuning.png": tuning_figure(studies),
     } | {f"affinity-{v}.png": affinity_figure(s, v) for v, s in affinity.items()}
     images = {name: fig for name, fig in figures.items() if fig is not None}
     alpha = params.compare.alpha
-    advice = verdict(table, baseline, {v: (grouping(r, alpha), affinity[v]["tasks"]) for v, r in runs.items()})
+    trained = {v: [g for g, spec in params.grouped.items()
+                   if spec.arch_options["groups"]["from"] == v] for v in runs}
+    advice = verdict(table, baseline, {v: (grouping(r, alpha), affinity[v]["tasks"]) for v, r in runs.items()},
+                     trained, ref)
     findings = {v: describe(r, alpha) for v, r in runs.items()}
     markdown = render(read_text(paths.REPORT), table, baseline, seeds, firsts, images,
                       affinity, findings, advice)
+    markdown += "\n".join(tuning_section(tuned.budget(params), studies, "tuning.png" in images))
     write(images, markdown)
     print(f"report: {len(images)} plots in {paths.PLOTS_DIR} -> {paths.FULL_REPORT}, {paths.REPORT_HTML}")
 
@@ -99,12 +108,14 @@ AFFINITY = {"tasks": [str], "cosine": [[OPTIONAL_NUMBER]], "lookahead": [[OPTION
             "epochs": int}
 
 
-def read_comparison(baseline: str) -> dict:
-    """compare.json, with the structure compare writes and a row for ``baseline``."""
+def read_comparison(baseline: str) -> tuple[dict, dict | None]:
+    """compare.json, with the structure compare writes and a row for ``baseline``: the variants'
+    rows, and the reference's row (None without one)."""
     table = read_json(paths.COMPARE_JSON)
+    ref = table.pop(REFERENCE, None) if isinstance(table, dict) else None
     if problem := _comparison_problem(table, baseline):
         raise UserError(f"{paths.COMPARE_JSON}: {problem} (run 'mtl compare' again)")
-    return table
+    return table, ref
 
 
 def _comparison_problem(table: object, baseline: str) -> str | None:
@@ -162,6 +173,69 @@ def _not_square(summary: dict) -> str | None:
            for m in (summary["cosine"], summary["lookahead"])):
         return f"its matrices are not {k} x {k} (a row and a column per task)"
     return None
+
+
+STUDY = {"objective": str, "direction": str, "params": {str: object},
+         "value": OPTIONAL_NUMBER, "importances": (dict, str),
+         "trials": [{"number": int, "state": str, "value": OPTIONAL_NUMBER}]}
+
+
+def read_studies(variant: str) -> dict[str, dict]:
+    """The studies in ``tuned/<variant>.json`` of a tuned variant, as far as the report reads
+    them: ``{variant: study}``, or a per-task baseline's ``{"variant · task": study}``."""
+    chosen = tuned.read(variant)
+    studies = {f"{variant} · {task}": study for task, study in chosen.get("studies", {}).items()}
+    studies = studies or {variant: chosen}
+    for study in studies.values():
+        if problem := mismatch(study, STUDY):
+            raise UserError(f"{paths.tuned_path(variant)}: {problem}; "
+                            f"run `mtl tune --variant {variant}`")
+    return studies
+
+
+def best_so_far(study: dict) -> tuple[list[int], list[float]]:
+    """The trial numbers of the complete trials and the best objective up to each."""
+    better = min if study["direction"] == "minimize" else max
+    numbers, best = [], []
+    for trial in study["trials"]:
+        if trial["state"] == "complete" and trial["value"] is not None:
+            numbers.append(trial["number"])
+            best.append(trial["value"] if not best else better(best[-1], trial["value"]))
+    return numbers, best
+
+
+def tuning_figure(studies: dict[str, dict]) -> Figure | None:
+    """One panel a tuned variant: its best objective so far over the trials."""
+    if not studies:
+        return None
+    fig, axes = grid(len(studies), 4.0, 3.0)
+    for ax, (variant, study) in zip(axes, studies.items()):
+        numbers, best = best_so_far(study)
+        ax.step(numbers, best, where="post", linewidth=1.2)
+        ax.plot(numbers, best, "o", markersize=3)
+        ax.set(title=variant, xlabel="trial", ylabel=f"best {study['objective']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def tuning_section(budget: str, studies: dict[str, dict], plotted: bool) -> list[str]:
+    """The report's tuning section: the budget, the best-so-far plot, and per variant the chosen
+    params and Optuna's parameter importances."""
+    lines = ["", "## Tuning", "", budget, ""]
+    if plotted:
+        lines += ["![Best objective so far over trials](plots/tuning.png)", "",
+                  ("Each variant's best objective so far over its complete trials (pruned and "
+                   "failed trials are listed in tuned/<variant>.json)."), ""]
+    for variant, study in studies.items():
+        chosen = ", ".join(f"`{k}` = {v!r}" for k, v in study["params"].items()) or "none"
+        value = "no complete trial" if study["value"] is None else f"{study['value']:.4g}"
+        importances = study["importances"]
+        if isinstance(importances, dict):
+            importances = ", ".join(f"`{k}` {v:.2f}" for k, v in importances.items())
+        lines += [f"### `{variant}`", "", f"- chosen: {chosen}",
+                  f"- best {study['objective']} ({study['direction']}): {value}",
+                  f"- parameter importances (Optuna, fANOVA): {importances}", ""]
+    return lines
 
 
 def retrain(variant: str, seed: int) -> str:
@@ -327,10 +401,10 @@ SECTIONS = (  # plot, heading, what it shows
         "square at the origin. Filled markers: not dominated on the pair; hollow: dominated.")),
 )
 AFFINITY_TEXT = (
-    "Measured while training on a few fixed training batches after every epoch "
-    "(`train.affinity_batches`; single-task variants share nothing and record none), mean over "
-    "epochs and seeds. Gradient cosine: between two tasks' gradients on the shared layers; below "
-    "0 they pull the shared layers apart. Lookahead affinity (Fifty et al. 2021): the relative "
+    "Measured while training on a few fixed training batches after the first epoch and every "
+    "`train.affinity_every`-th (`train.affinity_batches`; single-task variants share nothing and "
+    "record none), mean over the epochs measured and seeds. Gradient cosine: between two tasks' "
+    "gradients on the shared layers; below 0 they pull the shared layers apart. Lookahead affinity (Fifty et al. 2021): the relative "
     "drop of the column task's loss after one step for the row task alone; positive means the "
     "step helps.")
 IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")

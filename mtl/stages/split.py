@@ -112,11 +112,21 @@ def require_split_column(names: list[str], path: Path, config: SplitConfig) -> N
                         "after changing split.column)")
 
 
+def with_source(table: pa.Table, augmented: bool) -> pa.Table:
+    """``table`` (whose ``_id`` is its source's id) with the source id and the augmented flag."""
+    n = table.num_rows
+    return table.append_column(paths.SOURCE_ID, table[paths.ID]).append_column(
+        paths.AUGMENTED_FLAG, pa.array(np.full(n, augmented)))
+
+
 def run(params: Params) -> None:
     remove_leftovers(*map(paths.split_path, paths.SPLITS))
     scan = scan_table(paths.AUGMENTED)
-    require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=True)
+    # augment.copies 0 passes the ingested table through, without the source columns: added here
+    bare = not {paths.SOURCE_ID, paths.AUGMENTED_FLAG} & set(scan.schema.names)
+    require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=not bare)
     require_split_column(scan.schema.names, paths.AUGMENTED, params.split)
+    schema = with_source(scan.schema.empty_table(), False).schema if bare else scan.schema
     targets = [c for task in params.data.tasks.values() for c in task.columns]
     counts = dict.fromkeys(paths.SPLITS, 0)
     labelled = {name: dict.fromkeys(targets, 0) for name in paths.SPLITS}  # rows with a label
@@ -125,14 +135,16 @@ def run(params: Params) -> None:
     n_aug = 0
     with (atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps,
           Rows("split") as progress):
-        writers = {name: RowGroupWriter(tmp, scan.schema) for name, tmp in zip(paths.SPLITS, tmps)}
+        writers = {name: RowGroupWriter(tmp, schema) for name, tmp in zip(paths.SPLITS, tmps)}
         for batch in scan.batches():
-            declared = batch.column(params.split.column) if params.split.column else None
-            which = assign(batch.column(paths.SOURCE_ID), params.split, declared)
-            augmented = batch.column(paths.AUGMENTED_FLAG).to_numpy(zero_copy_only=False)
+            table = pa.Table.from_batches([batch])
+            table = with_source(table, False) if bare else table
+            declared = table[params.split.column] if params.split.column else None
+            which = assign(table[paths.SOURCE_ID], params.split, declared)
+            augmented = table[paths.AUGMENTED_FLAG].to_numpy()
             n_aug += int(augmented.sum())
             for name, writer in writers.items():
-                part = pa.Table.from_batches([batch.filter(pa.array((which == name) & (~augmented if name != "train" else True)))])
+                part = table.filter((which == name) & (~augmented if name != "train" else True))
                 counts[name] += part.num_rows
                 for c in targets:
                     labelled[name][c] += part.num_rows - part[c].null_count

@@ -58,18 +58,17 @@ from mtl.io import (
     read_json,
     remove_leftovers,
     replace_dirs,
-    scan_table,
     temp_dir,
     write_json,
     writing,
 )
 from mtl.stages import encoded
-from mtl.stages.common import check_types, require_columns
+from mtl.stages.group import read_groups
 
 
 def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
-    cfg, spec = params.variant_train(variant), params.variants[variant]
-    schema = read_inputs(params)
+    cfg, spec = params.variant_train(variant), params.all_variants[variant]
+    schema = encoded.read_inputs(params, ("train", "val"))
     seed_everything(seed)
     device = select_device(cfg.device)
     if distributed.launched():
@@ -98,14 +97,13 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
 
     probe = None  # task relatedness; stl shares nothing to measure it on
     if spec.arch != "stl" and cfg.affinity_batches and main:
-        probe = AffinityProbe(tasks, train, cfg.affinity_batches, cfg.batch_size, seed, device)
+        probe = AffinityProbe(tasks, train, cfg.affinity_batches, cfg.batch_size, seed, device,
+                              cfg.affinity_every)
         if resume and (work / "affinity.json").is_file():
             with run_file(work / "affinity.json"):
                 probe.load_state_dict(read_json(work / "affinity.json"), first)
     live, log_epoch = epoch_logger(work, resume, model, tasks, probe) if main else (None, None)
-    options = FitOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitOptions)
-                            if f.name in TrainConfig.model_fields and f.name != "precision"},
-                         seed=seed, precision=precision)
+    options = fit_options(cfg, seed, precision)
     start = time.perf_counter()
     try:
         with writing(work):  # a full disk while checkpointing or logging
@@ -136,6 +134,13 @@ def run(params: Params, variant: str, seed: int, resume: bool = True) -> None:
           f"{device}, best epochs {result.best_epochs} -> {paths.model_dir(variant, seed) / 'model.pt'}")
 
 
+def fit_options(cfg: TrainConfig, seed: int, precision: str, progress: bool = True) -> FitOptions:
+    """The trainer's options from a ``train`` section."""
+    return FitOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FitOptions)
+                         if f.name in TrainConfig.model_fields and f.name != "precision"},
+                      seed=seed, precision=precision, progress=progress)
+
+
 def early_best(variant: str, seed: int, best_epochs: dict[str, int], epochs_run: int) -> list[str]:
     """A warning when the best validation epoch came very early: of at least 10 epochs run, the
     first 10% and at most the second (counting from 1). The validation loss then rose for most
@@ -161,51 +166,52 @@ def epoch_logger(work: Path, resume: bool, model: nn.Module, tasks: list[Task],
         raise UserError(f"dvclive cannot log here ({exc}): make a first git commit, then re-run") from None
 
     def log_epoch(epoch: int, values: dict[str, float]) -> None:
-        if probe is not None:
+        if probe is not None and probe.due(epoch):
             values = values | {f"affinity/{kind}/{a.name}/{b.name}": float(matrix[i, j])
-                               for kind, matrix in probe.measure(model, values["lr"]).items()
+                               for kind, matrix in probe.measure(model, values["lr"], epoch).items()
                                for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i != j}
             write_json(probe.state_dict(), work / "affinity.json")
+        # No next_step: it re-reads every logged series each epoch; end() writes the summary.
         live.step = epoch
         for key, value in values.items():
             if np.isfinite(value):
                 live.log_metric(key, value)
-        live.next_step()
 
     return live, log_epoch
 
 
-def read_inputs(params: Params) -> dict:
-    """schema.json, checked against the params and the train and val splits."""
-    schema = read_json(paths.SCHEMA)
-    encoded.check_schema(schema, params)
-    kinds = {name: feature["kind"] for name, feature in schema["features"].items()}
-    kinds |= {column: task.kind for task in params.data.tasks.values() for column in task.columns}
-    for split in ("train", "val"):
-        columns = scan_table(paths.split_path(split)).schema
-        require_columns(columns, paths.split_path(split), params)
-        missing = [f for f in schema["features"] if f not in columns.names]
-        if missing:
-            raise UserError(f"{paths.split_path(split)}: feature column '{missing[0]}' from "
-                            f"{paths.SCHEMA} is missing (re-run the pipeline from ingest)")
-        check_types(columns, paths.split_path(split), kinds)
-    return schema
+def member_settings(cfg: TrainConfig, per_task: dict[str, dict]) -> dict[str, dict]:
+    """``stl``'s per-task settings as its members take them: the learning rate as a factor of
+    ``train.lr`` (its optimizer group's), the others as they are."""
+    return {task: {k: v for k, v in values.items() if k != "lr"}
+            | ({"lr_factor": values["lr"] / cfg.lr} if "lr" in values else {})
+            for task, values in per_task.items()}
 
 
 def build(params: Params, variant: str, seed: int, preprocessor: Preprocessor,
           tasks: list[Task]) -> tuple[Bundle, weightings.Weighting]:
     """The untrained model (a ``Bundle``) and the weighting of ``variant``."""
-    cfg, spec, enc = params.variant_train(variant), params.variants[variant], params.encoders
+    cfg, spec, enc = params.variant_train(variant), params.all_variants[variant], params.encoders
     layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
               "options": spec.arch_options}
     info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
+    if spec.per_task:
+        layers["per_task"] = member_settings(cfg, spec.per_task)
+        info |= {"per_task": spec.per_task}
+    if spec.arch == "groups":
+        layers["options"] = spec.arch_options | {"groups": read_groups(params, variant)}
+        info |= {"groups": layers["options"]["groups"]}
+        if variant in params.grouped:  # chosen by group@<variant>: its score and runners-up
+            info |= {"grouping": read_json(paths.grouping(variant))}
+    encoder = {"dim": enc.dim, "text_dim": enc.hashing.dim, "image_channels": enc.image_channels,
+               "numeric": enc.numeric, "periodic": enc.periodic.model_dump()}
+    if enc.finetune.layers:
+        encoder["finetune"] = enc.finetune.model_dump()
     try:  # an option value the method rejects (e.g. mgda level) is the user's mistake
-        bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info,
-                               {"dim": enc.dim, "text_dim": enc.hashing.dim,
-                                "image_channels": enc.image_channels})
-        weighting = weightings.build(spec.weighting, [t.name for t in tasks], spec.weights,
-                                     spec.weighting_options)
+        bundle = Bundle.create(spec.arch, tasks, preprocessor, layers, info, encoder)
+        weighting = weightings.for_model(bundle.model, spec.weighting, [t.name for t in tasks],
+                                         spec.weights, spec.weighting_options)
     except ValueError as exc:
         raise UserError(f"variants.{variant}: {exc}") from None
     return bundle, weighting
@@ -270,10 +276,12 @@ def fingerprint(params: Params, variant: str, seed: int, data_key: str) -> str:
     ``encoded.data_fingerprint``, of the splits, schema, preprocessing and engine code) and this
     stage's code."""
     digest = hashlib.sha256(data_key.encode())
-    config = {"variant": params.variants[variant].model_dump(), "seed": seed,
+    config = {"variant": params.all_variants[variant].model_dump(), "seed": seed,
               "train": params.variant_train(variant).model_dump(),
               "encoders": params.encoders.model_dump(),
               "threads": torch.get_num_threads()}
+    if params.all_variants[variant].arch == "groups":  # a grouped variant's chosen groups too
+        config["groups"] = read_groups(params, variant)
     digest.update(json.dumps(config, sort_keys=True).encode())
     digest.update(encoded.file_digest(Path(__file__)))
     return digest.hexdigest()
