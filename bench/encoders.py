@@ -51,6 +51,10 @@ SETTINGS = {  # name -> overrides of examples/adult.yaml
     "ple, 256x256, dropout 0.1": {"encoders.numeric": "ple", "train.hidden": [256, 256],
                                   "train.dropout": 0.1},
     "ple, weight decay 0.01": {"encoders.numeric": "ple", "train.weight_decay": 0.01},
+    # TabM-mini (train.ensemble): k weight-sharing members, their mean prediction
+    "ple, ensemble 8": {"encoders.numeric": "ple", "train.ensemble": 8},
+    "ple, ensemble 32": {"encoders.numeric": "ple", "train.ensemble": 32},
+    "periodic, ensemble 32": {"encoders.numeric": "periodic", "train.ensemble": 32},
 }
 # Settings that change code rather than params: the embedding width rule.
 WIDTHS = {"ple, fastai 2 embedding widths": lambda n: min(600, round(1.6 * n**0.56))}
@@ -145,6 +149,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--name", default="encoders", help="bench/results/<name>-<host>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     machine = Machine()
@@ -162,7 +167,7 @@ def main() -> None:
             print(table({setting: results[setting]}, {}), file=sys.stderr, flush=True)
     text = table(results, tree_rows)
     command = shlex.join(["python", "bench/encoders.py", *sys.argv[1:]])
-    save_result("encoders", {"command": command, "machine": machine.finish(), "args": vars(args),
+    save_result(args.name, {"command": command, "machine": machine.finish(), "args": vars(args),
                              "settings": SETTINGS, "results": results, "trees": tree_rows})
     print(text + f"\nRegenerate: `{command}`; {machine.info['total_s'] / 60:.1f} min on "
           f"{machine.info['cpu']} (other load {machine.info['other_load_cores']} cores).")

@@ -64,6 +64,9 @@ class TaskSpec(Section):
     kind: Literal[TASK_KINDS]  # type: ignore[valid-type]
     target: str | list[str]
     """The target column; for ``multilabel`` a list of label columns (0/1, true/false or null)."""
+    loss: Literal["mse", "l1"] | None = None
+    """Regression only: the training loss, squared (``mse``, the default) or absolute (``l1``:
+    the median, what MAE rewards) error of the standardised target."""
 
     @property
     def columns(self) -> list[str]:
@@ -98,6 +101,9 @@ class DataConfig(Section):
                 raise ValueError(f"{where}: multilabel needs a list of at least 2 label columns")
             if task.kind != "multilabel" and not isinstance(task.target, str):
                 raise ValueError(f"{where}: a {task.kind} task has one target column, not a list")
+            if task.loss is not None and task.kind != "regression":
+                raise ValueError(f"data.tasks.{name}.loss: only a regression task takes a loss "
+                                 f"(mse or l1); a {task.kind} task trains on cross-entropy")
             if len(set(task.columns)) != len(task.columns):
                 raise ValueError(f"{where}: a label column is listed twice")
             for col in task.columns:
@@ -337,6 +343,9 @@ class TrainConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     patience: int = Field(20, ge=0)
     """Early stopping: epochs without a better validation loss (0 = never stop early)."""
+    ensemble: int = Field(1, ge=1)
+    """k > 1: each network is k weight-sharing members trained in one pass, their predictions
+    averaged (TabM-mini, ``mtl.engine.ensemble``); about k times the compute after the encoder."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.0, ge=0, lt=1)

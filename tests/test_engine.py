@@ -1,5 +1,6 @@
 """The engine on small tensors: label masking, weightings, STL independence, checkpoints."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -68,6 +69,17 @@ def test_unlabelled_rows_add_nothing_to_the_loss():
     assert torch.allclose(loss, expected)  # averaged over the 3 labelled rows only
     loss.backward()
     assert (out.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("objective", ["mse", "l1"])
+def test_a_regression_task_trains_on_its_own_loss(objective):
+    """``data.tasks.<name>.loss``: squared or absolute error, over the labelled rows."""
+    task = dataclasses.replace(TASKS[2], objective=objective)
+    out, y = torch.tensor([[0.0], [2.0], [5.0]]), torch.tensor([1.0, -1.0, 0.0])
+    mask = torch.tensor([True, True, False])
+    errors = torch.tensor([1.0, 3.0])
+    assert task.loss(out, y, mask).item() == (errors ** (2 if objective == "mse" else 1)).mean().item()
+    assert Task.from_state(task.state()) == task
 
 
 def test_a_batch_without_labels_gives_zero_loss_and_gradient():

@@ -462,9 +462,25 @@ _CLASSES = {"hps": HPS, "mmoe": MMoE, "cgc": CGC, "ple": PLE, "cross_stitch": Cr
 
 def build(arch: str, make_encoder: Callable[[], nn.Module], tasks: Sequence[Task],
           hidden: Sequence[int], head_hidden: Sequence[int], dropout: float,
-          options: dict | None = None, per_task: dict[str, dict] | None = None) -> nn.Module:
+          options: dict | None = None, per_task: dict[str, dict] | None = None,
+          ensemble: int = 1) -> nn.Module:
     """The model named ``arch`` (one of ``mtl.engine.ARCHITECTURES``); ``options`` override the
-    defaults in ``ARCH_OPTIONS[arch]``; ``per_task``: ``stl``'s members' own settings."""
+    defaults in ``ARCH_OPTIONS[arch]``; ``per_task``: ``stl``'s members' own settings;
+    ``ensemble``: k > 1 makes each network an ensemble of k members (``mtl.engine.ensemble``)."""
+    if ensemble < 1:
+        raise ValueError(f"ensemble: {ensemble} members; it must be at least 1")
+    if ensemble == 1:
+        return _build(arch, make_encoder, tasks, hidden, head_hidden, dropout, options, per_task)
+    from mtl.engine import ensemble as members
+
+    model = _build(arch, members.members_encoder(make_encoder, ensemble), tasks, hidden,
+                   head_hidden, dropout, options, per_task)
+    return members.member_outputs_(model, tasks, ensemble)
+
+
+def _build(arch: str, make_encoder: Callable[[], nn.Module], tasks: Sequence[Task],
+           hidden: Sequence[int], head_hidden: Sequence[int], dropout: float,
+           options: dict | None, per_task: dict[str, dict] | None) -> nn.Module:
     if arch not in ARCH_OPTIONS:
         raise ValueError(f"unknown architecture '{arch}'")
     unknown = set(options or {}) - set(ARCH_OPTIONS[arch])

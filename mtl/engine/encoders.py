@@ -351,6 +351,13 @@ class FeatureEncoder(nn.Module):
             self.parts["image"] = SmallCNN(len(p.image.columns), p.image.shape, image_channels, dim)
             widths.append(dim)
         self.out_dim = self.tabular.out_dim + sum(widths)
+        # Each input feature's width, in order (an ensemble's adapter starts equal within each).
+        n = len(p.tabular.numeric)
+        numbers = ([len(b) - 1 for b in p.tabular.bins] if numeric == "ple" and n else
+                   [(periodic or {})["dim"]] * n if numeric == "periodic" else [1] * n)
+        self.plain_numbers = numeric == "standard"
+        self.chunks = (numbers + [1] * (p.tabular.num_dim - n)
+                       + [e.embedding_dim for e in self.tabular.embeddings] + widths)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [self.tabular(inputs)] + [enc(inputs if name == "text_tokens" else inputs[name])

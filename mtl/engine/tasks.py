@@ -25,6 +25,7 @@ class Task:
     # multilabel: the label names (= the target columns)
     mean: float = 0.0  # regression: the target is standardised with train-split statistics
     std: float = 1.0
+    objective: str = "mse"  # regression: mse | l1, the loss of the standardised target
 
     @property
     def out_dim(self) -> int:
@@ -64,7 +65,10 @@ class Task:
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean loss over the labelled rows (entries for multilabel) of the batch (0 when none is
-        labelled)."""
+        labelled). Outputs of k ensemble members, [rows, k, out]: the mean of the members' losses."""
+        if out.dim() == 3:
+            k = out.shape[1]
+            out, y, mask = out.flatten(0, 1), y.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         if self.kind == "multiclass":
             per_row = F.cross_entropy(out, y, reduction="none")
         elif self.kind == "multilabel":
@@ -72,7 +76,8 @@ class Task:
         elif self.kind == "binary":
             per_row = F.binary_cross_entropy_with_logits(out[:, 0], y, reduction="none")
         else:
-            per_row = F.mse_loss(out[:, 0], y, reduction="none")
+            loss = F.l1_loss if self.objective == "l1" else F.mse_loss
+            per_row = loss(out[:, 0], y, reduction="none")
         weight = mask.to(per_row.dtype)
         return (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 

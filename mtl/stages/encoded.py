@@ -113,7 +113,8 @@ def _fit(params: Params, schema: dict) -> tuple[Preprocessor, list[Task]]:
         if not (math.isfinite(mean) and math.isfinite(std)):
             raise UserError(f"{paths.split_path('train')}: column '{column}' holds values so large "
                             "that their mean or standard deviation overflows; rescale the column")
-    return preprocessor, [task_from_schema(name, schema, targets) for name in params.data.tasks]
+    return preprocessor, [task_from_schema(name, schema, targets, spec.loss)
+                          for name, spec in params.data.tasks.items()]
 
 
 def _encode(preprocessor: Preprocessor, tasks: list[Task], root: Path) -> None:
@@ -178,9 +179,11 @@ def _schema_problem(schema: object, params: Params) -> str | None:
     return None
 
 
-def task_from_schema(name: str, schema: dict, targets: dict[str, Moments]) -> Task:
+def task_from_schema(name: str, schema: dict, targets: dict[str, Moments],
+                     loss: str | None = None) -> Task:
     """The engine's task; a regression target is standardised with train-split statistics
-    (``targets``: the moments of each regression target column)."""
+    (``targets``: the moments of each regression target column) and trains on ``loss``
+    (``data.tasks.<name>.loss``, default mse)."""
     spec = schema["tasks"][name]
     if spec["kind"] == "multilabel":
         return Task(name, "multilabel", tuple(spec["target"]), classes=tuple(spec["labels"]))
@@ -190,4 +193,4 @@ def task_from_schema(name: str, schema: dict, targets: dict[str, Moments]) -> Ta
     if moments.count == 0:
         raise UserError(f"data.tasks.{name}.target: no labelled row in the train split")
     return Task(name, "regression", spec["target"], mean=moments.mean,
-                std=moments.std if moments.std > 0 else 1.0)
+                std=moments.std if moments.std > 0 else 1.0, objective=loss or "mse")

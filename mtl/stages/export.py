@@ -13,8 +13,9 @@ The network is wrapped to take positional tensors and return a tuple, since expo
 dicts poorly. TorchScript comes from ``torch.jit.trace`` (``torch.jit.script`` rejects most
 architectures); ONNX from ``torch.onnx.export``'s torch.export-based exporter, run with
 onnxruntime. ``int8``: dynamic quantization of the Linear layers, int8 weights per output
-channel and activations quantized at run time; embeddings, convolutions and the per-column
-layers of periodic numeric embeddings stay float.
+channel (7 bits of them for ONNX: CPUs without VNNI saturate on 8) and activations quantized at
+run time; embeddings, convolutions and the per-column layers of periodic numeric embeddings stay
+float.
 TorchScript uses ``torch.ao.quantization.quantize_dynamic``, ONNX onnxruntime's
 ``quantize_dynamic`` (MatMul and Gemm). A fine-tuned MiniLM is exported inside the network, its
 token inputs with dynamic batch and sequence axes. ``--prune``: global magnitude pruning of the
@@ -142,8 +143,10 @@ def _onnx(model: Exported, example: tuple, names: list[str], path: Path, int8: b
                           output_names=[f"output_{t}" for t in model.tasks],
                           dynamic_shapes={"tensors": shapes}, external_data=False, verbose=False)
         if int8:
+            # reduce_range: 7-bit weights, so that the u8 x s8 products of CPUs without VNNI
+            # (AVX2 only) do not saturate; the file runs wherever it is served
             quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gemm"],
+                             reduce_range=True, op_types_to_quantize=["MatMul", "Gemm"],
                              nodes_to_exclude=_batched_matmuls(fp32))
     return onnx_runner(str(path), names)
 

@@ -81,7 +81,7 @@ def trees(params: Params, method: str, schema: dict) -> dict[str, dict]:
     tables = {split: read_table(paths.split_path(split)) for split in paths.SPLITS}
     features = Features(tables["train"], schema["features"],
                         HGB_CATEGORIES if method == "hgb" else None)
-    tasks = [task_of(name, schema) for name in params.data.tasks]
+    tasks = [task_of(name, schema, spec.loss) for name, spec in params.data.tasks.items()]
     labels = {split: {t.name: t.encode(*(table[c] for c in t.columns)) for t in tasks}
               for split, table in tables.items()}
     fit = Fit(method, {split: features.matrix(table) for split, table in tables.items()},
@@ -97,15 +97,16 @@ def _numpy(labels: tuple) -> Labels:
     return labels[0].numpy(), labels[1].numpy()
 
 
-def task_of(name: str, schema: dict) -> Task:
+def task_of(name: str, schema: dict, loss: str | None = None) -> Task:
     """The engine's task, for its label encoding and metrics; a regression target is scored in
-    its own units (mean 0, std 1: the trees predict it unscaled)."""
+    its own units (mean 0, std 1: the trees predict it unscaled), and its trees minimise the
+    task's ``loss`` (squared or absolute error)."""
     from mtl.engine.tasks import Task
     from mtl.stages import encoded
 
     spec = schema["tasks"][name]
     if spec["kind"] == "regression":
-        return Task(name, "regression", spec["target"])
+        return Task(name, "regression", spec["target"], objective=loss or "mse")
     return encoded.task_from_schema(name, schema, {})
 
 
@@ -152,7 +153,8 @@ class Fit:
         if task.kind == "multilabel":
             return np.stack([self.one(task, "binary", 2, _label(train, j), _label(val, j))
                              for j in range(len(task.classes))], axis=1)
-        return self.one(task, task.kind, len(task.classes), train, val).reshape(
+        kind = "regression_l1" if task.objective == "l1" else task.kind  # LightGBM's name
+        return self.one(task, kind, len(task.classes), train, val).reshape(
             len(self.inputs["test"]), -1)
 
     def one(self, task: Task, kind: str, classes: int, train: Labels, val: Labels) -> np.ndarray:
@@ -191,6 +193,9 @@ def _lightgbm(kind: str, classes: int, train: tuple, val: tuple, test: np.ndarra
     return booster.predict(test, raw_score=True, num_iteration=booster.best_iteration)
 
 
+HGB_LOSSES = {"regression": "squared_error", "regression_l1": "absolute_error"}
+
+
 def _hgb(kind: str, classes: int, train: tuple, val: tuple, test: np.ndarray,
          categorical: list[int], seed: int, threads: int) -> np.ndarray:
     """HistGradientBoosting's raw scores of ``test`` (a class absent from the train rows scores
@@ -198,12 +203,14 @@ def _hgb(kind: str, classes: int, train: tuple, val: tuple, test: np.ndarray,
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from threadpoolctl import threadpool_limits
 
-    model_class = HistGradientBoostingRegressor if kind == "regression" else HistGradientBoostingClassifier
-    model = model_class(max_iter=ROUNDS, early_stopping=True, n_iter_no_change=STOP, scoring="loss",
-                        categorical_features=categorical or None, random_state=seed)
+    options = {"max_iter": ROUNDS, "early_stopping": True, "n_iter_no_change": STOP,
+               "scoring": "loss", "categorical_features": categorical or None, "random_state": seed}
+    regression = kind.startswith("regression")
+    model = (HistGradientBoostingRegressor(loss=HGB_LOSSES[kind], **options) if regression
+             else HistGradientBoostingClassifier(**options))
     with threadpool_limits(threads):
         model.fit(*train, X_val=val[0], y_val=val[1])
-        if kind == "regression":
+        if regression:
             return model.predict(test)
         scores = model.decision_function(test)
     if kind == "binary":

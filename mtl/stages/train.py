@@ -193,7 +193,7 @@ def build(params: Params, variant: str, seed: int, preprocessor: Preprocessor,
     """The untrained model (a ``Bundle``) and the weighting of ``variant``."""
     cfg, spec, enc = params.variant_train(variant), params.all_variants[variant], params.encoders
     layers = {"hidden": cfg.hidden, "head_hidden": cfg.head_hidden, "dropout": cfg.dropout,
-              "options": spec.arch_options}
+              "options": spec.arch_options} | ({"ensemble": cfg.ensemble} if cfg.ensemble > 1 else {})
     info = {"variant": variant, "seed": seed, "weighting": spec.weighting, "weights": spec.weights,
             "weighting_options": spec.weighting_options, "train": cfg.model_dump()}
     if spec.per_task:
