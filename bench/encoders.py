@@ -55,6 +55,22 @@ SETTINGS = {  # name -> overrides of examples/adult.yaml
     "ple, ensemble 8": {"encoders.numeric": "ple", "train.ensemble": 8},
     "ple, ensemble 32": {"encoders.numeric": "ple", "train.ensemble": 32},
     "periodic, ensemble 32": {"encoders.numeric": "periodic", "train.ensemble": 32},
+    "periodic, sigma 0.1": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 0.1},
+    "periodic, sigma 1": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 1.0},
+    "periodic, sigma 3": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 3.0},
+    "periodic, sigma 10": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 10.0},
+    "periodic, sigma 30": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 30.0},
+    "periodic, sigma 10, hours l1": {"encoders.numeric": "periodic", "encoders.periodic.sigma": 10.0,
+                                     "data.tasks.hours.loss": "l1"},
+    "periodic, sigma 10, ensemble 32, hours l1": {
+        "encoders.numeric": "periodic", "encoders.periodic.sigma": 10.0, "train.ensemble": 32,
+        "data.tasks.hours.loss": "l1"},
+    "ple, 40 epochs, patience 10": {"encoders.numeric": "ple", "train.epochs": 40,
+                                    "train.patience": 10},
+    # hours trained on absolute error (data.tasks.hours.loss), as the trees' L1 objective
+    "ple, hours l1": {"encoders.numeric": "ple", "data.tasks.hours.loss": "l1"},
+    "ple, ensemble 32, hours l1": {"encoders.numeric": "ple", "train.ensemble": 32,
+                                   "data.tasks.hours.loss": "l1"},
 }
 # Settings that change code rather than params: the embedding width rule.
 WIDTHS = {"ple, fastai 2 embedding widths": lambda n: min(600, round(1.6 * n**0.56))}
@@ -66,7 +82,9 @@ METRICS = {"income": "auroc", "never_married": "auroc", "hours": "mae"}
 def params(setting: str, seeds: list[int], epochs: int) -> Params:
     raw = yaml.safe_load((REPO / "examples" / "adult.yaml").read_text())
     raw |= {"seeds": seeds, "variants": VARIANTS}
-    raw["train"] |= {"epochs": epochs, "affinity_batches": 0, "device": "cpu"}
+    raw["train"] |= {"epochs": epochs, "affinity_batches": 0, "device": "cpu", "ensemble": 1}
+    raw["data"]["tasks"]["hours"].pop("loss", None)  # the settings start from squared error,
+    raw["encoders"]["periodic"] = {"sigma": 0.01}    # and the package's sigma, as measured first
     for key, value in SETTINGS[setting].items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     return Params.model_validate(raw)

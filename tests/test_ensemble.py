@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from mtl import paths
-from mtl.engine import ARCHITECTURES, archs
+from mtl.engine import ARCHITECTURES, archs, weighting
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import FeatureEncoder, Preprocessor, TabularEncoder
 from mtl.engine.ensemble import MemberInputs, MemberOutput
-from mtl.engine.trainer import predict
+from mtl.engine.trainer import FitOptions, fit, predict
 from tests.helpers import REPO, train_project
 from tests.test_archs import GROUPS, TASKS
 from tests.test_engine import make_table
@@ -77,6 +77,19 @@ def test_the_loss_is_the_mean_of_the_members_losses_over_labelled_rows():
         mask[::3] = False  # missing labels
         each = torch.stack([t.loss(out[t.name][:, j], y, mask) for j in range(K)])
         torch.testing.assert_close(t.loss(out[t.name], y, mask), each.mean())
+
+
+@pytest.mark.parametrize("arch,method", [("hps", "uw"), ("hps", "pcgrad"), ("hps", "gradnorm"),
+                                         ("mmoe", "mgda"), ("stl", "ew")])
+def test_an_ensemble_trains_with_weightings_and_gradient_methods(arch, method):
+    """Loss- and gradient-level methods see the members' mean losses (and, at the
+    representation level, k rows per input row); the validation losses fall."""
+    model, data = setup(arch)
+    logs = []
+    fit(model, TASKS, weighting.build(method, [t.name for t in TASKS]), data, data,
+        FitOptions(epochs=8, batch_size=16, lr=1e-2, seed=0), on_epoch=lambda e, log: logs.append(log))
+    for t in TASKS:
+        assert logs[-1][f"val/loss/{t.name}"] < 0.7 * logs[0][f"val/loss/{t.name}"], (t.name, method)
 
 
 def test_one_member_builds_the_plain_network():

@@ -4,8 +4,9 @@ form of the paper's TabM-mini, built from the authors' ``tabm`` package:
 
 - each member sees the encoder's output scaled elementwise by its own adapter (``tabm``'s
   ``ElementwiseAffine`` over [k, d], no bias), one value per feature at initialisation (the
-  package's chunks): random signs over standardised numbers, normal over embedded ones (as
-  ``TabM.make``);
+  package's chunks, ``FeatureEncoder.chunks``; per element for an encoder without them): random
+  signs over standardised numbers, normal where numbers go through ``ple`` or ``periodic`` (as
+  ``TabM.make`` chooses by whether numeric embeddings are present);
 - everything between the adapter and the output layers is shared by the members (any
   architecture of ``mtl.engine.archs``: the members are folded into the batch, [N * k, d]);
 - each task's output layer is one per member (``tabm.LinearEnsemble``);
