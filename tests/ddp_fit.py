@@ -26,12 +26,15 @@ CONFIGS = [("ew", "ew", {}, 1), ("ew-accumulate", "ew", {}, 2), ("uw", "uw", {},
            ("mgda-features", "mgda", {"level": "features"}, 1), ("db_mtl", "db_mtl", {}, 1),
            ("nash_mtl", "nash_mtl", {"update_weights_every": 2, "max_norm": 0.5}, 1),
            ("imtl", "imtl", {}, 1), ("ew-ple", "ew", {}, 1), ("ew-periodic", "ew", {}, 1),
-           ("pcgrad-groups", "pcgrad", {}, 1), ("ew-stl-per-task", "ew", {}, 1)]
+           ("pcgrad-groups", "pcgrad", {}, 1), ("ew-stl-per-task", "ew", {}, 1),
+           ("mgda-features-ensemble", "mgda", {"level": "features"}, 1)]
 # Architectures other than hps, by config name: ``groups`` (a weighting per group) and ``stl``
-# with a member's own widths, learning rate and weight decay (the tuned baseline's).
+# with a member's own widths, learning rate and weight decay (the tuned baseline's); a TabM-mini
+# ensemble of 4 members (``train.ensemble``) under MGDA on the shared representation.
 ARCHS = {"pcgrad-groups": ("groups", {"options": {"groups": [["kind", "flag"], ["size"]]}}),
          "ew-stl-per-task": ("stl", {"per_task": {"kind": {"hidden": [8], "lr_factor": 2.0,
-                                                           "weight_decay": 0.1}}})}
+                                                           "weight_decay": 0.1}}}),
+         "mgda-features-ensemble": ("hps", {"ensemble": 4})}
 NAMES = [name for name, *_ in CONFIGS] + ["finetune"]
 
 def encoder(name: str) -> TabularEncoder:

@@ -1,8 +1,8 @@
 """Data parallelism: ``fit`` in 2 processes (torchrun, gloo on CPU) ends with the weights of
 the same training in one process, for loss weightings, accumulation and gradient methods at
 both levels, the ``ple`` and ``periodic`` numeric encodings, ``groups`` (pcgrad per group),
-``stl`` with per-task settings, and MiniLM's top layer fine-tuned; and so does the train stage
-under torchrun."""
+``stl`` with per-task settings, a TabM-mini ensemble, and MiniLM's top layer fine-tuned; and so
+does the train stage under torchrun."""
 
 import json
 import sys

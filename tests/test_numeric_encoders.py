@@ -54,9 +54,8 @@ def test_the_model_reads_its_numeric_encoding(project):
     assert bundle.encoder["numeric"] == kind
 
 
+@pytest.mark.parametrize("project", ["ple"], indirect=True)
 def test_ple_bins_come_from_the_train_split_only(project):
-    if not project.name.startswith("ple"):
-        pytest.skip("ple only")
     p = load_bundle(project).preprocessor.tabular
     train_rows = pq.read_table(project / paths.split_path("train"))
     for name, mean, std, edges in zip(p.numeric, p.means, p.stds, p.bins):
