@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import tabm
 import torch
@@ -21,11 +19,11 @@ from mtl.engine import ARCHITECTURES, archs, weighting
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import FeatureEncoder, Preprocessor, TabularEncoder
 from mtl.engine.ensemble import MemberInputs, MemberOutput
-from mtl.engine.trainer import FitOptions, fit, predict
+from mtl.engine.trainer import FitOptions, fit
 from tests.helpers import REPO, train_project
 from tests.test_archs import GROUPS, TASKS
 from tests.test_engine import make_table
-from tests.test_predict_export import exported_outputs, mtl
+from tests.test_predict_export import assert_export_and_predict_match, mtl
 
 K = 4
 VARIANT = "hps-ew"
@@ -145,20 +143,7 @@ def test_the_saved_model_is_the_ensemble(project):
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_and_predict_give_the_models_outputs(project, monkeypatch, fmt):
-    bundle = load_bundle(project)
-    inputs = bundle.preprocessor.transform(pq.read_table(project / paths.split_path("test")))
-    reference = predict(bundle.model, inputs)
-    path = project / "out" / f"model.{fmt}"
-    result = mtl(project, monkeypatch, "export", "-v", VARIANT, "-f", fmt, "-o", str(path))
-    assert result.exit_code == 0, result.output
-    for task, out in zip(bundle.tasks, exported_outputs(path, fmt, inputs)):
-        np.testing.assert_allclose(out, reference[task.name].numpy(), atol=1e-5)
-    result = mtl(project, monkeypatch, "predict", "-v", VARIANT, "-i", str(paths.split_path("test")),
-                 "-o", "out/test.parquet")
-    assert result.exit_code == 0, result.output
-    mass = pq.read_table(project / "out" / "test.parquet")["body_mass"].to_numpy()
-    task = bundle.tasks[2]
-    np.testing.assert_allclose(mass, task.decode(reference[task.name]).numpy(), rtol=1e-5)
+    assert_export_and_predict_match(project, monkeypatch, VARIANT, fmt, load_bundle(project))
 
 
 def test_int8_exports_keep_the_metrics_close(project, monkeypatch):

@@ -21,9 +21,8 @@ from mtl import paths
 from mtl.engine import encoders
 from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor, quantile_bins
-from mtl.engine.trainer import predict
 from tests.helpers import REPO, train_project
-from tests.test_predict_export import exported_outputs, mtl, new_rows
+from tests.test_predict_export import assert_export_and_predict_match, mtl, new_rows
 from tests.test_serve import predicted, request_rows, serving
 
 VARIANT = "hps-ew"
@@ -66,21 +65,7 @@ def test_ple_bins_come_from_the_train_split_only(project):
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_and_predict_give_the_models_outputs(project, monkeypatch, fmt):
-    bundle = load_bundle(project)
-    test = pq.read_table(project / paths.split_path("test"))
-    inputs = bundle.preprocessor.transform(test)
-    reference = predict(bundle.model, inputs)
-    path = project / "out" / f"model.{fmt}"
-    result = mtl(project, monkeypatch, "export", "-v", VARIANT, "-f", fmt, "-o", str(path))
-    assert result.exit_code == 0, result.output
-    for task, out in zip(bundle.tasks, exported_outputs(path, fmt, inputs)):
-        np.testing.assert_allclose(out, reference[task.name].numpy(), atol=1e-5)
-    result = mtl(project, monkeypatch, "predict", "-v", VARIANT, "-i", str(paths.split_path("test")),
-                 "-o", "out/test.parquet")
-    assert result.exit_code == 0, result.output
-    mass = pq.read_table(project / "out" / "test.parquet")["body_mass"].to_numpy()
-    task = bundle.tasks[2]
-    np.testing.assert_allclose(mass, task.decode(reference[task.name]).numpy(), rtol=1e-5)
+    assert_export_and_predict_match(project, monkeypatch, VARIANT, fmt, load_bundle(project))
 
 
 def test_int8_onnx_export_keeps_the_metrics_close(project, monkeypatch):

@@ -115,6 +115,25 @@ def exported_outputs(path: Path, fmt: str, inputs: dict[str, torch.Tensor]) -> l
     return session.run(None, {f"input_{k}": v.numpy() for k, v in inputs.items()})
 
 
+def assert_export_and_predict_match(project: Path, monkeypatch: pytest.MonkeyPatch, variant: str,
+                                    fmt: str, bundle: Bundle) -> None:
+    """``mtl export`` to ``fmt`` gives the eager model's outputs on the test split (within 1e-5),
+    and ``mtl predict`` writes its body mass."""
+    inputs = bundle.preprocessor.transform(pq.read_table(project / paths.split_path("test")))
+    reference = predict(bundle.model, inputs)
+    path = project / "out" / f"model.{fmt}"
+    result = mtl(project, monkeypatch, "export", "-v", variant, "-f", fmt, "-o", str(path))
+    assert result.exit_code == 0, result.output
+    for task, out in zip(bundle.tasks, exported_outputs(path, fmt, inputs)):
+        np.testing.assert_allclose(out, reference[task.name].numpy(), atol=1e-5)
+    result = mtl(project, monkeypatch, "predict", "-v", variant, "-i", str(paths.split_path("test")),
+                 "-o", "out/test.parquet")
+    assert result.exit_code == 0, result.output
+    mass = pq.read_table(project / "out" / "test.parquet")["body_mass"].to_numpy()
+    task = bundle.tasks[2]
+    np.testing.assert_allclose(mass, task.decode(reference[task.name]).numpy(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_gives_the_models_outputs(project, bundle, monkeypatch, fmt):
     path = project / "out" / f"model.{fmt}"
