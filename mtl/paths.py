@@ -3,6 +3,7 @@
 from pathlib import Path
 
 CHECKED = Path("data/checked/params.ok")  # check: its stamp, which every other stage depends on
+CODE_DIR = Path("data/checked/code")  # check: <command>.txt, the files each stage command runs
 INGESTED = Path("data/ingested/table.parquet")
 SCHEMA = Path("data/ingested/schema.json")
 AUGMENTED = Path("data/augmented/table.parquet")

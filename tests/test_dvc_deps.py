@@ -1,108 +1,59 @@
-"""dvc.yaml lists, as each stage's code dependencies, exactly the project files its command runs,
-so that a code change re-runs every stage it can affect and no other.
-
-The files a command runs are found by walking imports from ``mtl/cli.py``: its module-level
-imports and those of the command's own function (``run_stage("ingest", ...)`` imports
-``mtl.stages.ingest``), then, in every module reached, every import, also those inside
-functions (lazy ones), and the ``__init__.py`` of each package on the way."""
+"""Each stage of dvc.yaml depends on the code its command runs: ``check`` depends on all of it and
+writes each stage command's files with their hashes (``mtl.codedeps``); each stage depends on
+its command's file and lists no code file itself. The DVC side (a code change re-runs exactly
+the stages that run the changed file) is in tests/test_pipeline_dvc.py."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+import hashlib
 
 import pytest
 import yaml
 
+from mtl import codedeps, paths
 from tests.helpers import REPO
 
-PACKAGES = ("mtl", "pipelines")
 
-
-def module_file(name: str) -> Path | None:
-    """The project file of module ``name``, or None for a name that is not one (an attribute)."""
-    base = REPO.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def walk(node: ast.AST):
-    """``ast.walk`` without the blocks under ``if TYPE_CHECKING:``, which never run."""
-    yield node
-    for child in ast.iter_child_nodes(node):
-        if not (isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)):
-            yield from walk(child)
-
-
-def imported(nodes) -> set[str]:
-    """Project modules named by the import statements among ``nodes``."""
-    names = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_stage"
-              and isinstance(node.args[0], ast.Constant)):
-            names.add(f"mtl.stages.{node.args[0].value}")  # cli.run_stage imports it
-    return {n for n in names if n.split(".")[0] in PACKAGES}
-
-
-def files_of(names: set[str]) -> set[Path]:
-    """The files of these modules and of every package above them."""
-    files = set()
-    for name in names:
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):
-            path = module_file(".".join(parts[:i]))
-            if path is not None:
-                files.add(path)
-    return files
-
-
-def command_files(command: str) -> set[Path]:
-    """Every project file that ``mtl <command>`` runs."""
-    cli = REPO / "mtl" / "cli.py"
-    tree = ast.parse(cli.read_text())
-    function = next(node for node in tree.body if isinstance(node, ast.FunctionDef)
-                    and node.name.rstrip("_") == command.replace("-", "_"))
-    todo = files_of(imported(tree.body) | imported(walk(function)))
-    seen = {cli}
-    while todo:
-        path = todo.pop()
-        seen.add(path)
-        todo |= files_of(imported(walk(ast.parse(path.read_text())))) - seen
-    return seen
-
-
-def stages() -> list[tuple[str, str, list[str]]]:
-    """(stage, command, code dependencies) of each stage in dvc.yaml that runs ``mtl``."""
+def stages() -> list[tuple[str, dict]]:
+    """(stage, definition) of each stage in dvc.yaml; a foreach stage's ``do``."""
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    listed = []
-    for name, stage in spec.items():
-        stage = stage.get("do", stage)  # a foreach stage's definition
-        words = stage["cmd"].split()
-        assert words[0] == "mtl", f"stage {name}: expected an `mtl <stage>` command"
-        code = [d for d in stage.get("deps", []) if d.split("/")[0] in PACKAGES]
-        listed.append((name, words[1], code))
-    return listed
+    return [(name, stage.get("do", stage)) for name, stage in spec.items()]
 
 
-@pytest.mark.parametrize(("stage", "command", "code"), stages(), ids=[s[0] for s in stages()])
-def test_code_dependencies_are_exactly_the_files_the_command_runs(stage, command, code):
-    runs = sorted(str(p.relative_to(REPO)) for p in command_files(command))
-    missing = sorted(set(runs) - set(code))
-    extra = sorted(set(code) - set(runs))
-    assert not missing and not extra, (
-        f"dvc.yaml stage {stage}: missing {missing}, not run by `mtl {command}` {extra}; "
-        f"its code deps should be: {runs}")
+def out_paths(stage: dict) -> list[str]:
+    return [next(iter(out)) if isinstance(out, dict) else out for out in stage["outs"]]
+
+
+@pytest.mark.parametrize(("stage", "spec"), stages(), ids=[s[0] for s in stages()])
+def test_each_stage_depends_on_its_commands_code_file_and_lists_no_code(stage, spec):
+    words = spec["cmd"].split()
+    assert words[0] == "mtl", f"stage {stage}: expected an `mtl <stage>` command"
+    code = [d for d in spec["deps"] if d.split("/")[0] in codedeps.PACKAGES]
+    if words[1] == "check":
+        assert code == ["mtl"] and str(paths.CODE_DIR) in out_paths(spec)
+    else:
+        assert words[1] in codedeps.STAGE_COMMANDS and not code
+        assert f"{paths.CODE_DIR}/{words[1]}.txt" in spec["deps"]
+
+
+def test_every_fingerprinted_command_is_a_stage():
+    commands = {spec["cmd"].split()[1] for _, spec in stages()}
+    assert set(codedeps.STAGE_COMMANDS) == commands - {"check"}
 
 
 def test_the_walk_finds_lazy_imports_and_the_stage_module():
-    files = {str(p.relative_to(REPO)) for p in command_files("train")}
+    files = {str(p) for p in codedeps.command_files("train", REPO)}
     assert {"mtl/cli.py", "mtl/config.py", "mtl/stages/train.py", "mtl/engine/distributed.py",
             "mtl/engine/__init__.py", "mtl/__init__.py"} <= files
     assert "mtl/stages/ingest.py" not in files  # other commands' modules are not walked
     assert "mtl/engine/text.py" in files  # imported inside a function only
+    assert "mtl/codedeps.py" not in files  # check's, not train's
+
+
+def test_a_fingerprint_is_each_files_sha256_as_sha256sum_writes_it():
+    lines = codedeps.fingerprint("report", REPO).splitlines()
+    assert [line.split("  ")[1] for line in lines] == [
+        str(p) for p in codedeps.command_files("report", REPO)]
+    for line in lines:
+        digest, path = line.split("  ")
+        assert digest == hashlib.sha256((REPO / path).read_bytes()).hexdigest()

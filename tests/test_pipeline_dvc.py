@@ -116,6 +116,24 @@ def test_nothing_reruns_then_one_variant_or_seed_change_reruns_only_it(restored_
     assert repro(root) == set()
 
 
+def test_a_code_change_reruns_only_the_stages_that_run_the_changed_file(restored_params):
+    """`check` fingerprints each stage command's files (mtl.codedeps); a stage depends on its
+    command's fingerprint, so a change to report's module re-runs the check and the report only."""
+    root = restored_params
+    module = root / "mtl/stages/report.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "# a change\n")
+        assert repro(root) == {"check", "report"}
+        listed = (root / paths.CODE_DIR / "report.txt").read_text()
+        assert "  mtl/stages/report.py\n" in listed and "  mtl/stages/train.py\n" not in listed
+        (root / "mtl/__pycache__").mkdir(exist_ok=True)
+        (root / "mtl/__pycache__/extra.cpython-311.pyc").write_bytes(b"bytecode")  # .dvcignore
+        assert repro(root) == set()
+    finally:
+        module.write_text(original)
+
+
 def test_reference_none_then_lightgbm_reruns_only_the_reference_and_what_reads_it(restored_params):
     """compare.reference: none leaves the trees out of compare and the report; back to lightgbm,
     the same metrics as before (seeded, deterministic), restored without training a network."""

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from mtl.engine.grouping import score as grouping_score
 
@@ -102,6 +101,8 @@ def one_sample_p(values: list[float]) -> float | None:
         return None
     if np.var(values) == 0:
         return 1.0 if values[0] == 0 else 0.0
+    from scipy import stats  # here: scipy.stats costs every training 0.8 s to import
+
     return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
