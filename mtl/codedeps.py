@@ -71,7 +71,14 @@ def files_of(root: Path, names: set[str]) -> set[Path]:
     return files
 
 
-def command_files(command: str, root: Path = Path(".")) -> list[Path]:
+def code_root() -> Path:
+    """Where the ``mtl`` package's sources are: the working directory, a project that holds them
+    (what dvc.yaml's code dependencies name), or else the folder it is installed in."""
+    here = Path(".")
+    return here if (here / "mtl" / "cli.py").is_file() else Path(__file__).resolve().parents[1]
+
+
+def command_files(command: str, root: Path) -> list[Path]:
     """Every project file that ``mtl <command>`` runs, relative to ``root``, sorted."""
     cli = root / "mtl" / "cli.py"
     tree = ast.parse(cli.read_text(encoding="utf-8"))
@@ -86,7 +93,7 @@ def command_files(command: str, root: Path = Path(".")) -> list[Path]:
     return sorted(path.relative_to(root) for path in seen)
 
 
-def fingerprint(command: str, root: Path = Path(".")) -> str:
+def fingerprint(command: str, root: Path) -> str:
     """The files of ``command``, one ``<sha256>  <path>`` line each (the format of ``sha256sum``)."""
     return "".join(f"{hashlib.sha256((root / path).read_bytes()).hexdigest()}  {path.as_posix()}\n"
                    for path in command_files(command, root))

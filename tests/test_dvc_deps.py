@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mtl import codedeps, paths
-from tests.helpers import REPO
+from tests.helpers import BIN, REPO, run
 
 
 def stages() -> list[tuple[str, dict]]:
@@ -57,3 +57,10 @@ def test_a_fingerprint_is_each_files_sha256_as_sha256sum_writes_it():
     for line in lines:
         digest, path = line.split("  ")
         assert digest == hashlib.sha256((REPO / path).read_bytes()).hexdigest()
+
+
+def test_check_outside_a_project_with_the_code_fingerprints_the_installed_package(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    run([str(BIN / "mtl"), "check"], tmp_path)
+    listed = (tmp_path / paths.CODE_DIR / "train.txt").read_text()
+    assert listed == codedeps.fingerprint("train", REPO)  # the venv runs this checkout's code

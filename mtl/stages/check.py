@@ -22,7 +22,8 @@ STAMP = "params.yaml passed `mtl check`; every stage depends on this file (see d
 
 def run(params: Params) -> None:
     write_text(STAMP, paths.CHECKED)
+    root = codedeps.code_root()
     for command in codedeps.STAGE_COMMANDS:
-        write_text(codedeps.fingerprint(command), paths.CODE_DIR / f"{command}.txt")
+        write_text(codedeps.fingerprint(command, root), paths.CODE_DIR / f"{command}.txt")
     print(f"check: valid: {len(params.data.tasks)} tasks, {len(params.all_variants)} variants x "
           f"{len(params.seeds)} seeds")
