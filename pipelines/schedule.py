@@ -1,7 +1,7 @@
 """Bring a DVC pipeline up to date on a Prefect task runner, as ``dvc repro`` would, only parallel.
 
 There are no level barriers: each stage is checked as soon as its own upstream stages are done
-(``evaluate@a-0`` does not wait for ``train@b-0``). The check is DVC's (``repo.check``): a stage
+(``evaluate@a`` does not wait for ``train@b-0``). The check is DVC's (``repo.check``): a stage
 is up to date, restored from the run-cache, or stale. A stale stage's commands become a Prefect
 task, submitted with ``wait_for`` its upstream tasks (so the UI draws the graph) once its torch
 threads fit in the cores beside the stages running: each stage runs on the threads params.yaml

@@ -41,7 +41,7 @@ from tests.test_serve import MODEL, serving
 pytestmark = pytest.mark.slow
 STAGES = {"check", "ingest", "augment", "split", "reference", "compare", "report", "tune-baseline",
           *(f"tune@{v}" for v in ("stl", "hps-ew", "hps-static")),
-          *(f"{s}@{v}-0" for s in ("train", "evaluate") for v in ("stl", "hps-ew", "hps-static"))}
+          *(f"{s}@{v}{seed}" for s, seed in (("train", "-0"), ("evaluate", "")) for v in ("stl", "hps-ew", "hps-static"))}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def is_clean(root: Path) -> bool:
 def test_a_fresh_project_runs_every_stage_and_dvc_repro_has_nothing_left(template):
     root, ran = template
     assert set(ran) == STAGES and len(ran) == len(STAGES)
-    assert ran.index("train@hps-ew-0") < ran.index("evaluate@hps-ew-0") < ran.index("compare")
+    assert ran.index("train@hps-ew-0") < ran.index("evaluate@hps-ew") < ran.index("compare")
     assert is_clean(root)
     assert "Running stage" not in run(["dvc", "repro", "--dry"], root).stdout
 
@@ -119,18 +119,18 @@ def test_nothing_changed_runs_nothing(project):
 
 
 def test_each_stage_starts_when_its_own_inputs_are_ready(project):
-    """No level barrier: evaluate@hps-ew-0 starts while train@hps-static-0 (100 epochs, not 4)
+    """No level barrier: evaluate@hps-ew starts while train@hps-static-0 (100 epochs, not 4)
     trains. Only the changed variants run; the overrides are recorded, comments kept."""
     (project / "params.yaml").write_text("# a user's note\n" + (project / "params.yaml").read_text())
     ran, flow_run_id = flow_run(pipeline, root=str(project), overrides=[
         "variants.hps-ew.train.lr=0.01", "variants.hps-static.train.epochs=100"])
     assert set(ran) == {"check", "tune@hps-ew", "tune@hps-static", "train@hps-ew-0",
-                        "train@hps-static-0", "evaluate@hps-ew-0",
-                        "evaluate@hps-static-0", "compare", "report"}
+                        "train@hps-static-0", "evaluate@hps-ew",
+                        "evaluate@hps-static", "compare", "report"}
     runs = task_runs(flow_run_id)
-    assert runs["evaluate@hps-ew-0"].start_time < runs["train@hps-static-0"].end_time
-    assert runs["train@hps-static-0"].end_time < runs["evaluate@hps-static-0"].start_time
-    assert runs["evaluate@hps-static-0"].end_time < runs["compare"].start_time
+    assert runs["evaluate@hps-ew"].start_time < runs["train@hps-static-0"].end_time
+    assert runs["train@hps-static-0"].end_time < runs["evaluate@hps-static"].start_time
+    assert runs["evaluate@hps-static"].end_time < runs["compare"].start_time
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["variants"]["hps-ew"]["train"] == {"lr": 0.01}
     assert (project / "params.yaml").read_text().startswith("# a user's note\n")
@@ -219,7 +219,7 @@ def test_a_sweep_leaves_the_project_alone_and_reuses_its_runs(project, server):
     # ingest, split and the baseline are restored from the project's run-cache, not run again
     assert set(task_runs(UUID(flow_run_id))) == {"check", "compare", "report", "tune@sweep-mmoe-ew",
                                                  "tune@sweep-mmoe-uw", *(
-        f"{s}@sweep-mmoe-{w}-0" for s in ("train", "evaluate") for w in ("ew", "uw"))}
+        f"{s}@sweep-mmoe-{w}{seed}" for s, seed in (("train", "-0"), ("evaluate", "")) for w in ("ew", "uw"))}
     assert "sweep-mmoe-uw" in (project / ".mtl/sweeps/sweep/reports/compare.md").read_text()
     assert (project / "params.yaml").read_bytes() == params
     assert (project / "dvc.lock").read_bytes() == lock
@@ -233,7 +233,7 @@ def test_dask_runner_on_an_existing_cluster(project):
                       dashboard_address=":0") as cluster:
         ran = pipeline(root=str(project), overrides=["variants.hps-ew.train.lr=0.01"],
                        runner="dask", dask_address=cluster.scheduler_address)
-    assert ran == ["check", "tune@hps-ew", "train@hps-ew-0", "evaluate@hps-ew-0", "compare", "report"]
+    assert ran == ["check", "tune@hps-ew", "train@hps-ew-0", "evaluate@hps-ew", "compare", "report"]
 
 
 def test_serve_variant_releases_the_retrained_model_to_a_running_server(project):

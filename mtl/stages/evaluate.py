@@ -1,4 +1,4 @@
-"""evaluate@<variant>-<seed>: a trained model and the test split -> per-task test metrics
+"""evaluate@<variant>: each seed's trained model and the test split -> per-task test metrics
 (``metrics/variants/<variant>/seed-<seed>.json``, with ``_groups`` for ``arch: groups``; accuracy, macro-F1 and AUROC for classification, MAE, RMSE
 and R² for regression, over labelled rows only, as torchmetrics defines them:
 ``mtl.engine.metrics``).
