@@ -18,6 +18,7 @@ follows installed packages too; this walk reads the project's own sources only.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,11 +90,23 @@ def command_files(command: str, root: Path) -> list[Path]:
     while todo:
         path = todo.pop()
         seen.add(path)
-        todo |= files_of(root, imported(walk(ast.parse(path.read_text(encoding="utf-8"))))) - seen
+        todo |= files_of(root, _imports(path)) - seen
     return sorted(path.relative_to(root) for path in seen)
+
+
+@functools.cache
+def _imports(path: Path) -> frozenset[str]:
+    """The project modules ``path`` imports, parsed once per process (``check`` walks ten commands
+    that share most files)."""
+    return frozenset(imported(walk(ast.parse(path.read_text(encoding="utf-8")))))
+
+
+@functools.cache
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fingerprint(command: str, root: Path) -> str:
     """The files of ``command``, one ``<sha256>  <path>`` line each (the format of ``sha256sum``)."""
-    return "".join(f"{hashlib.sha256((root / path).read_bytes()).hexdigest()}  {path.as_posix()}\n"
+    return "".join(f"{_sha256(root / path)}  {path.as_posix()}\n"
                    for path in command_files(command, root))
