@@ -1,6 +1,7 @@
 """Data stages at scale, against DuckDB and Polars doing the same work in the same run.
 
     python bench/data_scale.py [--rows 10000000] [--formats parquet,csv] [--table /tmp/syn-10000000.parquet]
+                               [--before REV]
 
 Makes the synthetic 50-column table with ``bench/synthetic.py`` (or reuses ``--table``), and its
 CSV copy for ``csv``. For each input format, in a temporary project, it runs as subprocesses,
@@ -12,7 +13,9 @@ each under ``/usr/bin/time`` for wall time, CPU time and peak RSS:
   sinks collected together, one scan): the source read, the id hashed, rows split 65/15/20,
   three Parquet files (snappy) written; neither checks, converts or records a schema;
 - for Parquet, the bare pass (the table read and written back by pyarrow, as the stages write:
-  the I/O floor of one pass), and ``mtl augment`` with ``augment.copies=1``.
+  the I/O floor of one pass), and ``mtl augment`` with ``augment.copies=1``;
+- with ``--before REV``, the three stages of an earlier revision (its ``mtl`` package, from
+  ``git archive``) first, in the same run.
 
 Prints a Markdown table and writes bench/results/data-scale-<host>.json. Needs duckdb and polars
 (the ``bench`` extra).
@@ -21,6 +24,7 @@ Prints a Markdown table and writes bench/results/data-scale-<host>.json. Needs d
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +42,6 @@ from bench.synthetic import TASKS
 from bench.synthetic import write as write_synthetic
 from mtl.io import BATCH_ROWS, NULL_VALUES
 
-MTL = Path(sys.executable).parent / "mtl"
 BASELINE = f"""
 import sys, pyarrow as pa, pyarrow.parquet as pq
 source = pq.ParquetFile(sys.argv[1], pre_buffer=False)
@@ -75,16 +78,26 @@ STAGES = (("mtl ingest", ["ingest"]), ("mtl augment (copies 0)", ["augment", "--
           ("mtl split", ["split"]))
 
 
-def timed(args: list[str], cwd: Path) -> dict:
-    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, from /usr/bin/time."""
+def timed(args: list[str], cwd: Path, code: Path = REPO) -> dict:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, from
+    /usr/bin/time; ``code``: where the ``mtl`` package it imports lies."""
+    env = os.environ | {"PYTHONPATH": str(code)}
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         start = time.perf_counter()
         subprocess.run(["nice", "-n", "10", "/usr/bin/time", "-o", out.name, "-f", "%e %M %U %S", *args],
-                       cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+                       cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - start
         _, rss_kb, user, system = out.read().split()
     return {"wall_s": round(wall, 2), "cpu_s": round(float(user) + float(system), 1),
             "peak_rss_mib": round(int(rss_kb) / 1024)}
+
+
+def package(rev: str, root: Path) -> Path:
+    """``rev``'s ``mtl`` package, extracted under ``root``."""
+    archive = subprocess.run(["git", "archive", rev, "mtl"], cwd=REPO, capture_output=True, check=True).stdout
+    root.mkdir(parents=True)
+    subprocess.run(["tar", "-x"], input=archive, cwd=root, check=True)
+    return root
 
 
 def project(root: Path, source: Path) -> Path:
@@ -114,38 +127,50 @@ def csv_copy(table: Path) -> Path:
     return out
 
 
-def run_format(source: Path, tmp: Path, parquet: bool) -> dict[str, dict]:
+def run_format(source: Path, tmp: Path, parquet: bool, before: Path | None) -> dict[str, dict]:
     """The runs on one input file, in a project under ``tmp`` (removed afterwards), each printed
     as it ends."""
-    root, runs = project(tmp / "project", source), {}
+    runs = {}
 
-    def run(name: str, args: list[str]) -> None:
-        runs[name] = timed(args, root)
+    def run(name: str, args: list[str], cwd: Path, code: Path = REPO) -> None:
+        runs[name] = timed(args, cwd, code)
         print(f"{source.suffix[1:]}: {name}: {runs[name]}", flush=True)
 
+    mtl = [sys.executable, "-m", "mtl"]
+    if before is not None:
+        old = project(tmp / "before", source)
+        for name, args in STAGES:
+            run(f"before: {name}", [*mtl, *args], old, before)
+        shutil.rmtree(old)
+    root = project(tmp / "project", source)
     for name, args in STAGES:
-        run(name, [str(MTL), *args])
+        run(name, [*mtl, *args], root)
     if parquet:
-        run("mtl augment (copies 1)", [str(MTL), "augment", "--set", "augment.copies=1"])
-    shutil.rmtree(root / "data")
+        run("mtl augment (copies 1)", [*mtl, "augment", "--set", "augment.copies=1"], root)
+    shutil.rmtree(root)
     for name, script in (("duckdb", DUCKDB), ("polars", POLARS)):
-        run(name, [sys.executable, "-c", script, str(source), str(tmp / name)])
+        run(name, [sys.executable, "-c", script, str(source), str(tmp / name)], tmp)
         shutil.rmtree(tmp / name)
     if parquet:
         run("pyarrow read + write (one pass)", [sys.executable, "-c", BASELINE, str(source),
-                                                str(tmp / "copy.parquet")])
+                                                str(tmp / "copy.parquet")], tmp)
         (tmp / "copy.parquet").unlink()
-    shutil.rmtree(root)
     return runs
 
 
 def summary(runs: dict[str, dict], rows: int) -> dict:
-    """ingest + augment (copies 0) + split against DuckDB and Polars."""
+    """ingest + augment (copies 0) + split against DuckDB and Polars (and the earlier revision)."""
     stages = sum(runs[name]["wall_s"] for name, _ in STAGES)
-    return {"stages_wall_s": round(stages, 2), "stages_rows_per_s": round(rows / stages),
-            "vs_duckdb": round(stages / runs["duckdb"]["wall_s"], 2),
-            "vs_polars": round(stages / runs["polars"]["wall_s"], 2),
-            "stages_peak_rss_mib": max(runs[name]["peak_rss_mib"] for name, _ in STAGES)}
+    cpu = sum(runs[name]["cpu_s"] for name, _ in STAGES)
+    out = {"stages_wall_s": round(stages, 2), "stages_cpu_s": round(cpu, 1),
+           "stages_rows_per_s": round(rows / stages),
+           "vs_duckdb": round(stages / runs["duckdb"]["wall_s"], 2),
+           "vs_duckdb_cpu": round(cpu / runs["duckdb"]["cpu_s"], 2),
+           "vs_polars": round(stages / runs["polars"]["wall_s"], 2),
+           "stages_peak_rss_mib": max(runs[name]["peak_rss_mib"] for name, _ in STAGES)}
+    if f"before: {STAGES[0][0]}" in runs:
+        out["vs_before"] = round(stages / sum(runs[f"before: {name}"]["wall_s"] for name, _ in STAGES), 2)
+    return out
 
 
 def main() -> None:
@@ -153,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--formats", default="parquet,csv", help="input formats, comma-separated")
     parser.add_argument("--table", type=Path, help="the synthetic table (made if missing)")
+    parser.add_argument("--before", help="an earlier revision whose stages to run first, in the same run")
     args = parser.parse_args()
     table = args.table or Path(tempfile.gettempdir()) / f"syn-{args.rows}.parquet"
     if not table.exists():
@@ -162,7 +188,8 @@ def main() -> None:
     sources = {fmt: table if fmt == "parquet" else csv_copy(table) for fmt in formats}
     measured = Machine()
     with tempfile.TemporaryDirectory(dir=table.parent) as tmp:
-        runs = {fmt: run_format(source, Path(tmp), fmt == "parquet") for fmt, source in sources.items()}
+        before = package(args.before, Path(tmp) / "before-code") if args.before else None
+        runs = {fmt: run_format(source, Path(tmp), fmt == "parquet", before) for fmt, source in sources.items()}
     machine = measured.finish()  # the runs are its children, not other load
     for fmt_runs in runs.values():
         for run in fmt_runs.values():
@@ -178,8 +205,9 @@ def main() -> None:
                   f"{run['peak_rss_mib']:,} |")
     for fmt, s in summaries.items():
         print(f"\n{fmt}: ingest + augment (copies 0) + split {s['stages_wall_s']:.1f} s, "
-              f"{s['stages_rows_per_s']:,} rows/s, {s['vs_duckdb']:.2f}x DuckDB, {s['vs_polars']:.2f}x Polars, "
-              f"peak RSS {s['stages_peak_rss_mib']:,} MiB")
+              f"{s['stages_rows_per_s']:,} rows/s, {s['vs_duckdb']:.2f}x DuckDB ({s['vs_duckdb_cpu']:.2f}x its "
+              f"CPU time), {s['vs_polars']:.2f}x Polars, peak RSS {s['stages_peak_rss_mib']:,} MiB"
+              + (f", {s['vs_before']:.2f}x {args.before}" if "vs_before" in s else ""))
     print(f"\nLoad average {machine['load_average_before']:.2f} before, {machine['load_average_after']:.2f} "
           f"after; other processes kept {machine['other_load_cores']} cores busy; total {machine['total_s']} s.")
     save_result("data-scale", {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},

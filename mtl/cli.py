@@ -98,19 +98,19 @@ def check(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) ->
 
 @app.command()
 def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
-    """Raw data (data.source) -> data/ingested/table.parquet + schema.json."""
+    """Raw data (data.source) -> data/ingested/{train,val,test}.parquet + schema.json (one pass)."""
     run_stage("ingest", params, set_)
 
 
 @app.command()
 def augment(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
-    """Ingested table -> data/augmented/table.parquet (originals + copies of training rows)."""
+    """Ingested splits -> data/augmented/{train,val,test}.parquet (train gets copies of its rows)."""
     run_stage("augment", params, set_)
 
 
 @app.command()
 def split(params: ParamsOption = Path("params.yaml"), set_: SetOption = None) -> None:
-    """Augmented table -> data/split/{train,val,test}.parquet by a stable hash of each row's key."""
+    """Augmented splits, checked -> data/split/{train,val,test}.parquet (hard links)."""
     run_stage("split", params, set_)
 
 

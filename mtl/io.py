@@ -25,6 +25,12 @@ from mtl.errors import UserError
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
 
+# The C library's malloc for Arrow's buffers, unless ARROW_DEFAULT_MEMORY_POOL says otherwise: with
+# Arrow's default (mimalloc) an ingest of 1 M rows x 50 columns spent 1.7-2.0 s in the kernel
+# against 0.9 s, and took 2.9-3.9 s against 2.4-2.6 (BENCHMARKS.md, "Data stages").
+if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+    pa.set_memory_pool(pa.system_memory_pool())
+
 # Rows per record batch the data stages read, and per Parquet row group they write: their memory
 # grows with it (a few batches at a time), not with the table.
 BATCH_ROWS = 1 << 18
@@ -326,17 +332,19 @@ def _check_columns(path: Path, schema: pa.Schema, parquet: bool) -> None:
 
 class Scan:
     """A table read in record batches of at most ``BATCH_ROWS`` rows: its ``schema``, and
-    ``batches()``, a fresh pass over it at each call."""
+    ``batches()``, a fresh pass over it (over some ``columns`` only, if given) at each call."""
 
-    def __init__(self, schema: pa.Schema, batches: Callable[[], Iterator[pa.RecordBatch]]):
+    def __init__(self, schema: pa.Schema,
+                 batches: Callable[[list[str] | None], Iterator[pa.RecordBatch]]):
         self.schema, self._batches = schema, batches
 
     @classmethod
     def of(cls, table: pa.Table) -> Scan:
-        return cls(table.schema, lambda: iter(table.to_batches(max_chunksize=BATCH_ROWS)))
+        return cls(table.schema, lambda columns: iter(
+            (table.select(columns) if columns else table).to_batches(max_chunksize=BATCH_ROWS)))
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        return (batch for batch in self._batches() if batch.num_rows)
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        return (batch for batch in self._batches(columns) if batch.num_rows)
 
 
 def scan_table(path: Path | str) -> Scan:
@@ -348,15 +356,17 @@ def scan_table(path: Path | str) -> Scan:
             schema = pq.read_schema(path)
             # Row group by row group, no read-ahead: a dataset scanner (and pre_buffer) reads
             # ahead of a slow consumer without bound, so memory would grow with the table.
-            batches = lambda: pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS)
+            batches = lambda columns: pq.ParquetFile(path, pre_buffer=False).iter_batches(
+                batch_size=BATCH_ROWS, columns=columns)
         else:
-            batches = lambda: pacsv.open_csv(path, convert_options=CSV_OPTIONS)
-            schema = batches().schema
+            batches = lambda columns: (batch if columns is None else batch.select(columns)
+                                       for batch in pacsv.open_csv(path, convert_options=CSV_OPTIONS))
+            schema = pacsv.open_csv(path, convert_options=CSV_OPTIONS).schema
     _check_columns(path, schema, parquet)
 
-    def checked() -> Iterator[pa.RecordBatch]:
+    def checked(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         with _readable(path):
-            yield from _coalesce(batches())
+            yield from _coalesce(batches(columns))
 
     return Scan(schema, checked)
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 CHECKED = Path("data/checked/params.ok")  # check: its stamp, which every other stage depends on
 CODE_DIR = Path("data/checked/code")  # check: <command>.txt, the files each stage command runs
-INGESTED = Path("data/ingested/table.parquet")
-SCHEMA = Path("data/ingested/schema.json")
-AUGMENTED = Path("data/augmented/table.parquet")
+INGESTED_DIR = Path("data/ingested")  # ingest: <split>.parquet, the rows bound for each split
+SCHEMA = INGESTED_DIR / "schema.json"
+AUGMENTED_DIR = Path("data/augmented")  # augment: <split>.parquet, train with its copies
 SPLIT_DIR = Path("data/split")
 SPLITS = ("train", "val", "test")
 METRICS_DIR = Path("metrics/variants")
@@ -35,6 +35,14 @@ RESERVED = (ID, SOURCE_ID, AUGMENTED_FLAG)
 
 def split_path(split: str) -> Path:
     return SPLIT_DIR / f"{split}.parquet"
+
+
+def ingested_path(split: str) -> Path:
+    return INGESTED_DIR / f"{split}.parquet"
+
+
+def augmented_path(split: str) -> Path:
+    return AUGMENTED_DIR / f"{split}.parquet"
 
 
 def model_dir(variant: str, seed: int) -> Path:

@@ -209,11 +209,12 @@ def scan_source(source: str) -> Scan:
         raise UserError(f"data.source: files matching '{source}' have incompatible columns: "
                         f"{str(exc).splitlines()[0]}") from None
 
-    def batches() -> Iterator[pa.RecordBatch]:
+    def batches(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        wanted = pa.schema([schema.field(c) for c in columns]) if columns else schema
         for scan in scans:
             for batch in scan.batches():
                 yield pa.RecordBatch.from_arrays(
                     [batch.column(f.name).cast(f.type) if f.name in batch.schema.names
-                     else pa.nulls(batch.num_rows, f.type) for f in schema], schema=schema)
+                     else pa.nulls(batch.num_rows, f.type) for f in wanted], schema=wanted)
 
     return Scan(schema, batches)

@@ -515,10 +515,14 @@ CASES = [
     pytest.param(source("one_class.csv", with_column("y", lambda i: "x")), ["ingest"],
                  ["data.tasks.label.target", "fewer than 2"], id="multiclass-with-1-class"),
     # earlier outputs missing or damaged
-    pytest.param(remove("data/ingested/table.parquet"), ["augment"], ["data/ingested/table.parquet", "not found"],
+    pytest.param(remove("data/ingested/train.parquet"), ["augment"], ["data/ingested/train.parquet", "not found"],
                  id="augment-before-ingest"),
-    pytest.param(write("data/ingested/table.parquet", b"garbage"), ["augment"],
-                 ["data/ingested/table.parquet", "cannot be read"], id="ingested-table-corrupt"),
+    pytest.param(write("data/ingested/val.parquet", b"garbage"), ["augment"],
+                 ["data/ingested/val.parquet", "cannot be read"], id="ingested-table-corrupt"),
+    pytest.param(rewrite_json("data/ingested/schema.json", lambda s: s | {"split": None}), ["augment"],
+                 ["data/ingested/schema.json", "no split record", "re-run ingest"], id="schema-without-split-record"),
+    pytest.param(None, ["augment", "--set", "split.salt=other"],
+                 ["split.salt", "'other'", "data/ingested", "re-run ingest"], id="split-params-changed-before-augment"),
     pytest.param(write("data/ingested/schema.json", "{not json"), ["augment"],
                  ["data/ingested/schema.json", "not valid JSON"], id="schema-not-json"),
     pytest.param(write("data/ingested/schema.json", "[1, 2]"), ["augment"],
@@ -528,12 +532,17 @@ CASES = [
     pytest.param(edit({"data.tasks.extra": {"kind": "regression", "target": "zz"},
                        "variants.hps-static.weights.extra": 1.0}), ["augment"],
                  ["data.tasks.extra.target", "'zz'", "re-run ingest"], id="task-added-after-ingest"),
-    pytest.param(remove("data/augmented/table.parquet"), ["split"], ["data/augmented/table.parquet", "not found"],
+    pytest.param(remove("data/augmented/test.parquet"), ["split"], ["data/augmented/test.parquet", "not found"],
                  id="split-before-augment"),
-    pytest.param(rewrite_table("data/augmented/table.parquet", lambda t: t.drop_columns([paths.SOURCE_ID])),
-                 ["split"], ["data/augmented/table.parquet", paths.SOURCE_ID], id="augmented-without-source-id"),
-    pytest.param(None, ["split", "--set", "split.test=0.999", "--set", "split.val=0"], ["split", "no row falls in train"],
-                 id="split-with-empty-train"),
+    pytest.param(rewrite_table("data/augmented/train.parquet", lambda t: t.drop_columns([paths.SOURCE_ID])),
+                 ["split"], ["data/augmented/train.parquet", paths.SOURCE_ID], id="augmented-without-source-id"),
+    pytest.param(rewrite_table("data/augmented/val.parquet", lambda t: t.set_column(
+        t.column_names.index(paths.AUGMENTED_FLAG), paths.AUGMENTED_FLAG, pa.array([True] * t.num_rows))),
+                 ["split"], ["data/augmented/val.parquet", "augmented rows", "re-run augment"],
+                 id="augmented-rows-in-val"),
+    pytest.param(lambda root: [edit({"split.test": 0.999, "split.val": 0})(root),
+                               in_process("ingest", "augment", records=rows)(root)],
+                 ["split"], ["split", "no row falls in train"], id="split-with-empty-train"),
     pytest.param(in_process("ingest", "augment", records=score_only_on_test_rows), ["split"],
                  ["data.tasks.score", "no training row has a label"], id="task-without-training-labels"),
     # a declared split (split.column)
@@ -548,14 +557,15 @@ CASES = [
     pytest.param(edit({"split.column": "cat", "split.values": {"train": ["p", "q", "s"]}}), ["ingest"],
                  ["split.values.test"], id="split-values-without-test"),
     pytest.param(None, ["split", "--set", "split.column=zz"],
-                 ["split.column", "'zz'", "data/augmented/table.parquet", "re-run ingest"],
+                 ["split.column", "'zz'", "data/ingested", "re-run ingest"],
                  id="split-column-added-after-ingest"),
-    pytest.param(declared("ingest", **{"split.values": {"train": ["train"], "test": ["test"]}}), ["augment"],
+    pytest.param(declared(**{"split.values": {"train": ["train"], "test": ["test"]}}), ["ingest"],
                  ["split.column", "'fold'", "'valid'", "does not name"], id="split-column-unknown-value"),
-    pytest.param(declared("ingest", "augment", missing=5, **{"augment.copies": 0}), ["split"],
-                 ["split.column", "'fold'", "without a value"], id="split-column-missing-value"),
-    pytest.param(declared("ingest", "augment"), ["split", "--set", "split.values={train: [train], val: [val], test: [test, valid]}"],
-                 ["split", "no row falls in val", "'fold'", "leave val out of split.values"],
+    pytest.param(declared(missing=5), ["ingest"], ["split.column", "'fold'", "without a value"],
+                 id="split-column-missing-value"),
+    pytest.param(declared("ingest", "augment", **{"split.values": {"train": ["train"], "val": ["val"],
+                                                                   "test": ["test", "valid"]}}),
+                 ["split"], ["split", "no row falls in val", "'fold'", "leave val out of split.values"],
                  id="split-column-names-no-val-row"),
 ]
 
@@ -932,7 +942,7 @@ def test_missing_feature_values_are_imputed_from_train_with_an_indicator(tmp_pat
     train = pq.read_table(root / paths.split_path("train"))
     pre = Preprocessor.fit(train, schema["features"]).tabular
     assert pre.indicators == ("a",)  # only the column with missing values gets one
-    table = pq.read_table(root / paths.INGESTED)
+    table = pa.concat_tables(pq.read_table(root / paths.ingested_path(name)) for name in paths.SPLITS)
     x = pre.transform(table)["num"].numpy()
     missing = table["a"].is_null().to_numpy(zero_copy_only=False)
     col, indicator = pre.numeric.index("a"), len(pre.numeric)

@@ -7,7 +7,7 @@ import pytest
 from mtl import paths
 from mtl.config import SplitConfig, load_params
 from mtl.errors import UserError
-from mtl.io import Scan, read_table, write_table
+from mtl.io import Scan, read_json, read_table
 from mtl.sources import read_source
 from mtl.stages import augment, ingest, split
 from tests.helpers import REPO
@@ -56,29 +56,56 @@ def test_split_is_stable_when_rows_are_appended():
     assert (split.assign(old, SplitConfig(val=0.2, test=0.2, salt="other")) != before).any()
 
 
-def test_augmented_rows_follow_their_source_and_stay_in_train(ingested, params):
-    table, schema = ingested
-    out = augment.augment(table, schema, params)
-    flag = out[paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False)
-    assert flag.sum() == params.augment.copies * (split.assign(table[paths.ID], params.split) == "train").sum()
-    which = split.assign(out[paths.SOURCE_ID], params.split)
-    assert set(which[flag]) == {"train"}
-    originals = dict(zip(table[paths.ID].to_pylist(), table["species"].to_pylist()))
-    for source, species in zip(out[paths.SOURCE_ID].filter(pa.array(flag)).to_pylist(),
-                               out["species"].filter(pa.array(flag)).to_pylist()):
-        assert originals[source] == species  # class labels are the source row's
+def run_stages(root, monkeypatch, *overrides: str) -> dict:
+    """Run ingest, augment and split on penguins in ``root``; the tables each wrote, by stage and
+    split, and the schema record."""
+    monkeypatch.chdir(root)
+    params = load_params(REPO / "params.yaml", ["data.source=penguins", *overrides])
+    for stage in (ingest, augment, split):
+        stage.run(params)
+    return {"params": params, "schema": read_json(paths.SCHEMA),
+            **{(stage, name): read_table(path(name)) for name in paths.SPLITS
+               for stage, path in (("ingested", paths.ingested_path), ("augmented", paths.augmented_path),
+                                   ("split", paths.split_path))}}
+
+
+def test_ingest_writes_each_row_to_the_file_of_its_split(tmp_path, monkeypatch, ingested):
+    out = run_stages(tmp_path, monkeypatch)
+    table, _ = ingested
+    which = split.assign(table[paths.ID], out["params"].split)
+    for name in paths.SPLITS:
+        part = out["ingested", name]
+        assert part.drop_columns([paths.SOURCE_ID, paths.AUGMENTED_FLAG]).equals(
+            table.filter(pa.array(which == name)))  # in source order
+        assert part[paths.SOURCE_ID].equals(part[paths.ID])
+        assert not any(part[paths.AUGMENTED_FLAG].to_pylist())
+    assert out["schema"]["split"] == split.record(out["params"].split) | {
+        "rows": {name: int((which == name).sum()) for name in paths.SPLITS}}
+
+
+def test_augmented_rows_follow_their_source_and_stay_in_train(tmp_path, monkeypatch):
+    out = run_stages(tmp_path, monkeypatch)
+    train, augmented = out["ingested", "train"], out["augmented", "train"]
+    copies = augmented.filter(augmented[paths.AUGMENTED_FLAG])
+    assert copies.num_rows == out["params"].augment.copies * train.num_rows
+    originals = dict(zip(train[paths.ID].to_pylist(), train["species"].to_pylist()))
+    for source, species in zip(copies[paths.SOURCE_ID].to_pylist(), copies["species"].to_pylist()):
+        assert originals[source] == species  # copies of training rows; class labels are the source's
+    for name in ("val", "test"):  # passed through: the ingested files themselves
+        assert (tmp_path / paths.augmented_path(name)).samefile(tmp_path / paths.ingested_path(name))
 
 
 def test_interpolation_partners_are_training_rows_of_the_same_class(ingested, params):
     table, schema = ingested
+    train = table.filter(pa.array(split.assign(table[paths.ID], params.split) == "train"))
     columns = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
-    pool = augment._Pool.read(Scan.of(table), params, columns, len(columns))
+    pool = augment._Pool.read(Scan.of(train), params, columns, len(columns))
     x = augment._matrix(table, columns)
     partner = pool.partners(table, x, np.random.default_rng(0).random(table.num_rows))
-    train = split.assign(table[paths.ID], params.split) == "train"
     labels = np.array(table[pool.label].to_pylist(), object)
     classes = {}  # the values of each training row -> its class
-    for values, label in zip(np.nan_to_num(x[:, train], nan=-1.0).T, labels[train]):
+    for values, label in zip(np.nan_to_num(augment._matrix(train, columns), nan=-1.0).T,
+                             train[pool.label].to_pylist()):
         classes.setdefault(tuple(values), set()).add(label)
     for i, label in enumerate(labels):
         if label is None:
@@ -87,19 +114,28 @@ def test_interpolation_partners_are_training_rows_of_the_same_class(ingested, pa
             assert label in classes[tuple(np.nan_to_num(partner[:, i], nan=-1.0))]
 
 
-def test_split_stage_writes_original_rows_only_to_val_and_test(tmp_path, monkeypatch, ingested, params):
-    monkeypatch.chdir(tmp_path)
-    table, schema = ingested
-    write_table(augment.augment(table, schema, params), paths.AUGMENTED)
-    split.run(params)
-    parts = {name: read_table(paths.split_path(name)) for name in paths.SPLITS}
+def test_split_stage_writes_original_rows_only_to_val_and_test(tmp_path, monkeypatch, ingested):
+    out = run_stages(tmp_path, monkeypatch)
+    parts = {name: out["split", name] for name in paths.SPLITS}
     n_augmented = int(parts["train"][paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False).sum())
     assert n_augmented > 0
-    assert sum(p.num_rows for p in parts.values()) == table.num_rows + n_augmented
+    assert sum(p.num_rows for p in parts.values()) == ingested[0].num_rows + n_augmented
     for name in ("val", "test"):
         assert not parts[name][paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False).any()
     ids = [set(parts[n][paths.SOURCE_ID].to_pylist()) for n in paths.SPLITS]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_split_refuses_rows_split_under_other_params(tmp_path, monkeypatch):
+    """split (and augment) check the split params ingest recorded: run by hand after a change
+    of split params, they say to re-run ingest rather than pass on the old splits."""
+    out = run_stages(tmp_path, monkeypatch)
+    changed = load_params(REPO / "params.yaml", ["data.source=penguins", "split.salt=other"])
+    for stage in (augment, split):
+        with pytest.raises(UserError, match=r"^split.salt: is 'other', but data/ingested was split "
+                                            r"with 'mtl'; re-run ingest"):
+            stage.run(changed)
+    assert read_table(paths.split_path("train")).equals(out["split", "train"])  # left as it was
 
 
 # -- a declared split (split.column) -----------------------------------------------------------------
@@ -162,16 +198,13 @@ def test_ingest_carries_the_split_column_and_never_as_a_feature(by_year):
 
 
 def test_augment_and_split_follow_the_declared_column(tmp_path, monkeypatch, by_year):
-    params, table, schema = by_year
-    out = augment.augment(table, schema, params)
-    flag = out[paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False)
+    params, table, _ = by_year
+    out = run_stages(tmp_path, monkeypatch, "split.column=year",
+                     "split.values={train: [2007], val: [2008], test: [2009]}")
+    parts = {name: out["split", name] for name in paths.SPLITS}
+    flag = parts["train"][paths.AUGMENTED_FLAG].to_numpy(zero_copy_only=False)
     n_2007 = table["year"].to_pylist().count("2007")
     assert flag.sum() == params.augment.copies * n_2007  # copies of declared train rows only
-    assert set(out["year"].filter(pa.array(flag)).to_pylist()) == {"2007"}
-    monkeypatch.chdir(tmp_path)
-    write_table(out, paths.AUGMENTED)
-    split.run(params)
-    parts = {name: read_table(paths.split_path(name)) for name in paths.SPLITS}
     assert {name: set(p["year"].to_pylist()) for name, p in parts.items()} == {
         "train": {"2007"}, "val": {"2008"}, "test": {"2009"}}
     assert parts["train"].num_rows == n_2007 + flag.sum()

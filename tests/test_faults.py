@@ -107,7 +107,7 @@ def test_skip_still_stops_when_every_step_of_an_epoch_is_non_finite():
 def test_a_second_run_of_a_stage_fails_fast_while_the_first_holds_it(tmp_path, monkeypatch):
     root = copy_project(tmp_path)
     run(["mtl", "ingest"], root)
-    outputs = [root / "data/ingested/table.parquet", root / "data/ingested/schema.json"]
+    outputs = [root / "data/ingested/train.parquet", root / "data/ingested/schema.json"]
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in outputs]
     monkeypatch.chdir(root)
     with stage_lock("ingest"):
@@ -124,8 +124,8 @@ def test_a_second_run_of_a_stage_fails_fast_while_the_first_holds_it(tmp_path, m
 
 # --- what killed runs leave behind ----------------------------------------------------------------
 
-LEFTOVERS = {ingest: ["data/ingested/.table.parquet.1a2b3c.tmp", "data/ingested/.schema.json.4d5e6f.tmp"],
-             augment: ["data/augmented/.table.parquet.7a8b9c.tmp"],
+LEFTOVERS = {ingest: ["data/ingested/.train.parquet.1a2b3c.tmp", "data/ingested/.schema.json.4d5e6f.tmp"],
+             augment: ["data/augmented/.test.parquet.7a8b9c.tmp"],
              split: ["data/split/.train.parquet.0d1e2f.tmp", "data/split/.test.parquet.3a4b5c.tmp"]}
 
 

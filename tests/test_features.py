@@ -19,7 +19,7 @@ from mtl.engine.tasks import Task
 from mtl.engine.text import HashedText, tokens
 from mtl.engine.trainer import predict
 from mtl.errors import UserError
-from mtl.stages import augment, encoded, ingest, train
+from mtl.stages import augment, encoded, ingest, split, train
 from tests.helpers import REPO
 
 TEXTS = ["Make America great again!", "Thank you, Iowa. #Caucus", "", "naïve café-owners 2016"]
@@ -119,7 +119,7 @@ def test_image_shape_can_be_given_for_non_square_images():
 def test_augment_copies_text_and_images_and_adds_noise_to_numbers_only():
     params = data_params()
     table, schema = ingest.prepare(small_table(), params.data)
-    out = augment.augment(table, schema, params)
+    out = augment.augment(split.with_source(table, False), schema, params)  # every row as training rows
     flag = np.asarray(out[paths.AUGMENTED_FLAG].to_pylist())
     assert flag.any()
     source = {r[paths.ID]: r for r in table.to_pylist()}

@@ -25,7 +25,8 @@ def run_stages(root, monkeypatch, batch_rows: int, *overrides: str) -> dict:
     for stage in (ingest, augment, split):
         stage.run(params)
     return {"schema": json.loads(paths.SCHEMA.read_text()),
-            "ingested": pq.read_table(paths.INGESTED), "augmented": pq.read_table(paths.AUGMENTED),
+            **{f"ingested-{name}": pq.read_table(paths.ingested_path(name)) for name in paths.SPLITS},
+            "augmented": pq.read_table(paths.augmented_path("train")),
             **{name: pq.read_table(paths.split_path(name)) for name in paths.SPLITS}}
 
 
@@ -33,26 +34,25 @@ def test_batches_give_the_outputs_of_one_batch(tmp_path, monkeypatch):
     (tmp_path / "small").mkdir()
     (tmp_path / "one").mkdir()
     small = run_stages(tmp_path / "small", monkeypatch, 50)  # 344 rows: 7 batches
-    assert pq.ParquetFile(tmp_path / "small" / paths.INGESTED).num_row_groups == 7
-    assert pq.ParquetFile(tmp_path / "small" / paths.split_path("train")).num_row_groups > 1
+    # 227 training rows of 344, written when at least 50 have come: 4 row groups
+    assert pq.ParquetFile(tmp_path / "small" / paths.ingested_path("train")).num_row_groups == 4
+    assert pq.ParquetFile(tmp_path / "small" / paths.split_path("train")).num_row_groups > 4
     one = run_stages(tmp_path / "one", monkeypatch, 1 << 20)
-    assert pq.ParquetFile(tmp_path / "one" / paths.INGESTED).num_row_groups == 1
+    assert pq.ParquetFile(tmp_path / "one" / paths.ingested_path("train")).num_row_groups == 1
     # means and standard deviations pooled over batches agree to rounding; all else exactly
     assert _approx(small["schema"], one["schema"])
-    for name in ("ingested", "val", "test"):
+    for name in ("ingested-train", "ingested-val", "ingested-test", "val", "test"):
         assert small[name].equals(one[name]), name
     for name in ("augmented", "train"):  # the same rows; each batch's copies follow it
         assert small[name].sort_by(paths.ID).equals(one[name].sort_by(paths.ID)), name
 
 
-def test_augment_without_copies_passes_the_ingested_file_through(tmp_path, monkeypatch):
-    """copies 0: augment writes nothing new (the same file), and split adds the source columns."""
+def test_augment_without_copies_passes_the_ingested_files_through(tmp_path, monkeypatch):
+    """copies 0: augment and split write nothing new (the same files)."""
     out = run_stages(tmp_path, monkeypatch, 100, "augment.copies=0")
-    assert (tmp_path / paths.AUGMENTED).samefile(tmp_path / paths.INGESTED)
-    names = out["ingested"].column_names + [paths.SOURCE_ID, paths.AUGMENTED_FLAG]
-    assert sum(out[name].num_rows for name in paths.SPLITS) == out["ingested"].num_rows
     for name in paths.SPLITS:
-        assert out[name].column_names == names
+        assert (tmp_path / paths.augmented_path(name)).samefile(tmp_path / paths.ingested_path(name))
+        assert (tmp_path / paths.split_path(name)).samefile(tmp_path / paths.ingested_path(name))
         assert out[name][paths.SOURCE_ID].equals(out[name][paths.ID])
         assert not any(out[name][paths.AUGMENTED_FLAG].to_pylist())
 
@@ -62,8 +62,7 @@ def test_augment_draws_partners_from_a_bounded_pool_of_training_rows(tmp_path, m
     move towards it and copies of other classes keep their source's values (noise off)."""
     monkeypatch.setattr(augment, "POOL_ROWS", 1)
     out = run_stages(tmp_path, monkeypatch, 50, "augment.noise=0", "augment.interpolate=1")
-    params = load_params(REPO / "params.yaml", ["data.source=penguins.parquet"])
-    train = out["ingested"].filter(split.assign(out["ingested"][paths.ID], params.split) == "train")
+    train = out["ingested-train"]
     copies = out["augmented"].filter(out["augmented"][paths.AUGMENTED_FLAG])
     assert copies[paths.SOURCE_ID].to_pylist() == train[paths.ID].to_pylist()  # one copy each, in order
     assert copies[paths.ID].to_pylist() == [f"{i}#aug0" for i in train[paths.ID].to_pylist()]

@@ -1,10 +1,10 @@
-"""augment: the ingested table -> the same rows plus augmented copies of training rows.
+"""augment: the ingested splits -> the same splits, train with augmented copies of its rows.
 
-Only rows that ``split`` will put in train are copied (``split.assign`` of their key, or of their
-value of ``split.column``, which each copy keeps, so it lands in train too), and interpolation
+Only training rows are copied (ingest has put each row in its split's file), and interpolation
 partners are drawn from training rows of the same class (from a bounded sample of them, the
 partner pool), so nothing of a validation or test row leaks into training. Each copy records its
-source row's id. With ``copies`` 0 the output is the ingested file itself (a hard link).
+source row's id. The files augment does not change (val and test; train too with ``copies`` 0)
+are the ingested files themselves (hard links).
 
 A copy gets Gaussian noise on its numeric features (``noise`` × the feature's std); a share
 ``interpolate`` of the copies first moves towards a partner row: x + λ (x_partner − x),
@@ -28,7 +28,7 @@ from mtl.errors import UserError
 from mtl.io import (
     RowGroupWriter,
     Scan,
-    atomic_path,
+    atomic_paths,
     link_or_copy,
     read_json,
     remove_leftovers,
@@ -36,51 +36,55 @@ from mtl.io import (
 )
 from mtl.stages.common import require_columns
 from mtl.stages.progress import Rows
-from mtl.stages.split import assign, require_split_column, splitmix64_unit, with_source
+from mtl.stages.split import check_record, splitmix64_unit
 
 
 def run(params: Params) -> None:
-    remove_leftovers(paths.AUGMENTED)
-    scan = scan_table(paths.INGESTED)
+    outputs = [paths.augmented_path(name) for name in paths.SPLITS]
+    remove_leftovers(*outputs)
     schema = read_json(paths.SCHEMA)
-    require_columns(scan.schema.empty_table(), paths.INGESTED, params)
-    require_split_column(scan.schema.names, paths.INGESTED, params.split)
-    n_rows = pq.read_metadata(paths.INGESTED).num_rows
-    check_schema(schema, scan.schema.names, n_rows)
-    if params.augment.copies == 0:  # a pass-through: the same file; split adds the source columns
-        with atomic_path(paths.AUGMENTED) as tmp:
-            link_or_copy(paths.INGESTED, tmp)
-        print(f"augment: {n_rows} rows + 0 augmented -> {paths.AUGMENTED} (the ingested table)")
-        return
+    scans = {name: scan_table(paths.ingested_path(name)) for name in paths.SPLITS}
+    for name, scan in scans.items():
+        require_columns(scan.schema, paths.ingested_path(name), params, reserved=True)
+    n_rows = sum(pq.read_metadata(paths.ingested_path(name)).num_rows for name in paths.SPLITS)
+    check_schema(schema, scans["train"].schema.names, n_rows)
+    check_record(schema, params.split)
+    copies = params.augment.copies
     n_out = 0
-    with atomic_path(paths.AUGMENTED) as tmp, Rows("augment") as progress:
-        writer = RowGroupWriter(tmp, with_source(scan.schema.empty_table(), False).schema)
-        for part in stream(scan, schema, params):
-            writer.write(part)
-            n_out += part.num_rows
-            progress.add(part.num_rows)
-        writer.close()
-    print(f"augment: {n_rows} rows + {n_out - n_rows} augmented -> {paths.AUGMENTED}")
+    with atomic_paths(*outputs) as tmps:
+        for name, tmp in zip(paths.SPLITS, tmps):
+            if name != "train" or copies == 0:  # passed through: the same file
+                link_or_copy(paths.ingested_path(name), tmp)
+        if copies:
+            with Rows("augment") as progress:
+                writer = RowGroupWriter(tmps[0], scans["train"].schema)
+                for part in stream(scans["train"], schema, params):
+                    writer.write(part)
+                    n_out += part.num_rows
+                    progress.add(part.num_rows)
+                writer.close()
+    n_train = pq.read_metadata(paths.ingested_path("train")).num_rows
+    print(f"augment: {n_train} training rows + {max(n_out - n_train, 0)} augmented -> {paths.AUGMENTED_DIR}")
 
 
 def check_schema(schema: object, columns: list[str], n_rows: int) -> None:
-    """Fail if schema.json is not the record ingest wrote with this table (say, one of the pair
+    """Fail if schema.json is not the record ingest wrote with these tables (say, one of them
     was replaced by hand)."""
     features = schema.get("features") if isinstance(schema, dict) else None
     if (not isinstance(features, dict) or schema.get("n_rows") != n_rows
             or not all(name in columns and isinstance(f, dict) and "kind" in f for name, f in features.items())):
-        raise UserError(f"{paths.SCHEMA}: does not describe {paths.INGESTED} (re-run ingest)")
+        raise UserError(f"{paths.SCHEMA}: does not describe {paths.INGESTED_DIR} (re-run ingest)")
 
 
-def augment(table: pa.Table, schema: dict, params: Params) -> pa.Table:
-    """The whole augmented table of an ingested ``table`` (what ``run`` writes)."""
-    return pa.concat_tables(stream(Scan.of(table), schema, params))
+def augment(train: pa.Table, schema: dict, params: Params) -> pa.Table:
+    """The ingested training rows ``train`` and their copies (what ``run`` writes)."""
+    return pa.concat_tables(stream(Scan.of(train), schema, params))
 
 
 def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
-    """Each batch of original rows, followed by its training rows' augmented copies (one per
-    ``augment.copies``). Two passes over ``scan`` (``_Pool``, then the copies); memory holds a
-    few batches and the partner pool, whatever the table's size."""
+    """Each batch of training rows, followed by its augmented copies (one per ``augment.copies``).
+    Two passes over ``scan`` (``_Pool``, then the copies); memory holds a few batches and the
+    partner pool, whatever the table's size."""
     cfg = params.augment
     columns = [name for name, f in schema["features"].items() if f["kind"] == "numeric"]
     n_numeric = len(columns)
@@ -89,20 +93,17 @@ def stream(scan: Scan, schema: dict, params: Params) -> Iterator[pa.Table]:
     # one stream per quantity and copy, drawn in row order: the same draws for any batch size
     rngs = [[np.random.default_rng([cfg.seed, k, j]) for j in range(4)] for k in range(cfg.copies)]
     for batch in scan.batches():
-        table = pa.Table.from_batches([batch])
-        yield with_source(table, False)
+        rows = pa.Table.from_batches([batch])
+        yield rows
         if pool is None:
             continue
-        declared = table[params.split.column] if params.split.column else None
-        rows = table.filter(assign(table[paths.ID], params.split, declared) == "train")
         x, m = _matrix(rows, columns), rows.num_rows
-        if m:
-            for k, (partner, lam, pick, noise) in enumerate(rngs):
-                xp = pool.partners(rows, x, partner.random(m)) if cfg.interpolate > 0 else x
-                mix = lam.uniform(0, cfg.max_lambda, m) * (pick.random(m) < cfg.interpolate)
-                new = np.where(np.isfinite(xp), x + mix * (xp - x), x)
-                new[:n_numeric] += noise.standard_normal((m, n_numeric)).T * (cfg.noise * pool.scale[:, None])
-                yield _copy(rows, k, dict(zip(columns, new)))
+        for k, (partner, lam, pick, noise) in enumerate(rngs):
+            xp = pool.partners(rows, x, partner.random(m)) if cfg.interpolate > 0 else x
+            mix = lam.uniform(0, cfg.max_lambda, m) * (pick.random(m) < cfg.interpolate)
+            new = np.where(np.isfinite(xp), x + mix * (xp - x), x)
+            new[:n_numeric] += noise.standard_normal((m, n_numeric)).T * (cfg.noise * pool.scale[:, None])
+            yield _copy(rows, k, dict(zip(columns, new)))
 
 
 def _matrix(rows: pa.Table, columns: list[str]) -> np.ndarray:
@@ -111,12 +112,14 @@ def _matrix(rows: pa.Table, columns: list[str]) -> np.ndarray:
 
 
 def _copy(rows: pa.Table, k: int, values: dict[str, np.ndarray]) -> pa.Table:
-    """Copy ``k`` of ``rows``: ``values`` for its numeric columns, ids suffixed ``#aug<k>``."""
+    """Copy ``k`` of ``rows``: ``values`` for its numeric columns, ids suffixed ``#aug<k>``, the
+    source's id and the augmented flag."""
     columns = {c: pa.array(v, pa.float64(), mask=~np.isfinite(v)) for c, v in values.items()}
     columns[paths.ID] = pc.binary_join_element_wise(rows[paths.ID], f"#aug{k}", "")
-    copy = with_source(rows, True)
+    columns[paths.SOURCE_ID] = rows[paths.ID]
+    columns[paths.AUGMENTED_FLAG] = pa.array(np.ones(rows.num_rows, bool))
     return pa.Table.from_arrays([columns.get(name, column) for name, column in
-                                 zip(copy.column_names, copy.columns)], schema=copy.schema)
+                                 zip(rows.column_names, rows.columns)], schema=rows.schema)
 
 
 POOL_ROWS = 1 << 16
@@ -143,13 +146,9 @@ class _Pool:
     @classmethod
     def read(cls, scan: Scan, params: Params, columns: list[str], n_numeric: int) -> _Pool:
         pool = cls(params, len(columns), n_numeric)
-        column = params.split.column
-        kept = list(dict.fromkeys([paths.ID, *columns, *filter(None, [pool.label, column])]))
-        for batch in scan.batches():
-            rows = pa.Table.from_batches([batch.select(kept)])
-            declared = rows[column] if column else None
-            rows = rows.filter(assign(rows[paths.ID], params.split, declared) == "train")
-            pool._sample(rows, columns, params.augment.seed)
+        kept = list(dict.fromkeys([paths.ID, *columns, *filter(None, [pool.label])]))
+        for batch in scan.batches(kept):
+            pool._sample(pa.Table.from_batches([batch]), columns, params.augment.seed)
         classes = pool.classes.astype(str)
         order = np.lexsort((pool.keys, classes))
         classes, pool.values = classes[order], pool.values[:, order]

@@ -1,5 +1,6 @@
-"""ingest: the raw source (built-in data set, CSV or Parquet path/glob) -> one Parquet table with
-a stable row id, plus a schema record (feature kinds, category vocabularies, label statistics).
+"""ingest: the raw source (built-in data set, CSV or Parquet path/glob) -> the rows with a stable
+row id, one Parquet file per split (``split.assign``: the source is read and written once), plus
+a schema record (feature kinds, category vocabularies, label statistics, the split params).
 A declared split's column (``split.column``) is carried as text, beside the features and targets.
 
 Categorical and text features and classification targets are stored as strings, numeric
@@ -24,10 +25,11 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import DataConfig, Params
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, Scan, atomic_paths, remove_leftovers
+from mtl.io import Scan, atomic_paths, remove_leftovers
 from mtl.sources import scan_source
 from mtl.stages.common import as_flags, as_kind
 from mtl.stages.progress import Rows
+from mtl.stages.split import Partition, record
 
 NUMERIC_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal)
 STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_dictionary)
@@ -36,23 +38,24 @@ BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_
 
 
 def run(params: Params) -> None:
-    remove_leftovers(paths.INGESTED, paths.SCHEMA)
+    tables = [paths.ingested_path(name) for name in paths.SPLITS]
+    remove_leftovers(*tables, paths.SCHEMA)
     scan = scan_source(params.data.source)
-    with (atomic_paths(paths.INGESTED, paths.SCHEMA) as (table_tmp, schema_tmp),  # both or neither
+    with (atomic_paths(*tables, paths.SCHEMA) as tmps,  # all or none
           Rows("ingest") as progress):
-        writer: RowGroupWriter | None = None
+        partition = Partition(dict(zip(paths.SPLITS, tmps)), params.split)
 
         def write(table: pa.Table) -> None:
-            nonlocal writer
-            writer = writer or RowGroupWriter(table_tmp, table.schema)
-            writer.write(table)
+            partition.write(table)
             progress.add(table.num_rows)
 
         schema = ingest(scan, params.data, write, params.split.column)
-        writer.close()
-        schema_tmp.write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
+        partition.close()
+        schema["split"] = record(params.split) | {"rows": partition.counts}
+        tmps[-1].write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
     print(f"ingest: {schema['n_rows']} rows, {len(schema['features'])} features, "
-          f"{len(schema['tasks'])} tasks -> {paths.INGESTED}")
+          f"{len(schema['tasks'])} tasks -> {paths.INGESTED_DIR}/{{{','.join(paths.SPLITS)}}}.parquet "
+          f"({', '.join(f'{k} {v}' for k, v in partition.counts.items())})")
 
 
 def prepare(table: pa.Table, data: DataConfig,

@@ -1,10 +1,15 @@
-"""split: the augmented table -> train/val/test Parquet files, streamed batch by batch.
+"""split: the augmented splits -> data/split/{train,val,test}.parquet, checked and passed through.
 
 A row's split is a function of its source row alone: by default of its stable key (a salted
 hash mapped to [0, 1)); with ``split.column``, of the value that column declares (a frozen or
 official split), val optionally drawn by hash from the declared train rows. So appending rows to
 the raw data never moves an existing row, and every augmented copy (which carries its source's
 key and declared value) lands in its source's split. Validation and test keep original rows only.
+
+ingest assigns the splits: it writes each row to its split's file as it converts the source
+(``Partition``), so the rows are read and written once, where a separate pass here read and
+wrote them all again; it records the ``split`` params in schema.json. augment adds copies to
+train only. This stage checks the result against the params and links the files.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ import pyarrow.compute as pc
 from mtl import paths
 from mtl.config import Params, SplitConfig
 from mtl.errors import UserError
-from mtl.io import RowGroupWriter, atomic_paths, remove_leftovers, scan_table
+from mtl.io import (
+    RowGroupWriter,
+    atomic_paths,
+    link_or_copy,
+    read_json,
+    remove_leftovers,
+    scan_table,
+)
 from mtl.stages.common import require_columns
 from mtl.stages.progress import Rows
 
@@ -105,11 +117,21 @@ def _declared(column: pa.Array | pa.ChunkedArray, config: SplitConfig) -> np.nda
     return np.array([name for _, name in names])[index.to_numpy(zero_copy_only=False)]
 
 
-def require_split_column(names: list[str], path: Path, config: SplitConfig) -> None:
-    """One line when the declared split's column is not among the columns ``names`` of ``path``."""
-    if config.column is not None and config.column not in names:
-        raise UserError(f"split.column: column '{config.column}' is not in {path} (re-run ingest "
-                        "after changing split.column)")
+def record(config: SplitConfig) -> dict:
+    """What ``assign`` depends on, as ingest records it in schema.json (``split``)."""
+    return config.model_dump(mode="json")
+
+
+def check_record(schema: object, config: SplitConfig) -> None:
+    """Fail when the rows were split (by ingest) under other ``split`` params than ``config``:
+    the first key that differs, and its two values."""
+    was = schema.get("split") if isinstance(schema, dict) else None
+    if not isinstance(was, dict):
+        raise UserError(f"{paths.SCHEMA}: has no split record (written by an older version; re-run ingest)")
+    for key, now in record(config).items():
+        if was.get(key) != now:
+            raise UserError(f"split.{key}: is {now!r}, but {paths.INGESTED_DIR} was split with "
+                            f"{was.get(key)!r}; re-run ingest (split params are ingest's)")
 
 
 def with_source(table: pa.Table, augmented: bool) -> pa.Table:
@@ -119,42 +141,65 @@ def with_source(table: pa.Table, augmented: bool) -> pa.Table:
         paths.AUGMENTED_FLAG, pa.array(np.full(n, augmented)))
 
 
+class Partition:
+    """The Parquet files of the splits, each row of the tables given to ``write`` appended to
+    the file of its split (``assign``), with the source columns (an original row is its own
+    source): ingest's output, written as it converts, so the rows are read and written once."""
+
+    def __init__(self, files: dict[str, Path], config: SplitConfig):
+        self.files, self.config = files, config
+        self.writers: dict[str, RowGroupWriter] = {}
+        self.counts = dict.fromkeys(files, 0)
+
+    def write(self, table: pa.Table) -> None:
+        table = with_source(table, False)
+        declared = table[self.config.column] if self.config.column else None
+        keys = table[paths.ID]  # a missing id is refused once the whole table is read
+        which = assign(keys.fill_null("") if keys.null_count else keys, self.config, declared)
+        self.writers = self.writers or {name: RowGroupWriter(path, table.schema)
+                                        for name, path in self.files.items()}
+        for name, writer in self.writers.items():
+            part = table.filter(which == name)
+            self.counts[name] += part.num_rows
+            writer.write(part)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
 def run(params: Params) -> None:
-    remove_leftovers(*map(paths.split_path, paths.SPLITS))
-    scan = scan_table(paths.AUGMENTED)
-    # augment.copies 0 passes the ingested table through, without the source columns: added here
-    bare = not {paths.SOURCE_ID, paths.AUGMENTED_FLAG} & set(scan.schema.names)
-    require_columns(scan.schema.empty_table(), paths.AUGMENTED, params, reserved=not bare)
-    require_split_column(scan.schema.names, paths.AUGMENTED, params.split)
-    schema = with_source(scan.schema.empty_table(), False).schema if bare else scan.schema
+    """Check the augmented splits (every split a later stage needs has rows, every task a
+    labelled training row, only train holds copies) and pass each file through (a hard link)."""
+    outputs = [paths.split_path(name) for name in paths.SPLITS]
+    remove_leftovers(*outputs)
+    check_record(read_json(paths.SCHEMA), params.split)
     targets = [c for task in params.data.tasks.values() for c in task.columns]
+    kinds = [t.target for t in params.data.tasks.values() if t.kind in ("binary", "multiclass")]
     counts = dict.fromkeys(paths.SPLITS, 0)
     labelled = {name: dict.fromkeys(targets, 0) for name in paths.SPLITS}  # rows with a label
-    kinds = [t.target for t in params.data.tasks.values() if t.kind in ("binary", "multiclass")]
     classes = {name: {c: set() for c in kinds} for name in paths.SPLITS}
     n_aug = 0
-    with (atomic_paths(*(paths.split_path(name) for name in paths.SPLITS)) as tmps,
-          Rows("split") as progress):
-        writers = {name: RowGroupWriter(tmp, schema) for name, tmp in zip(paths.SPLITS, tmps)}
-        for batch in scan.batches():
-            table = pa.Table.from_batches([batch])
-            table = with_source(table, False) if bare else table
-            declared = table[params.split.column] if params.split.column else None
-            which = assign(table[paths.SOURCE_ID], params.split, declared)
-            augmented = table[paths.AUGMENTED_FLAG].to_numpy()
-            n_aug += int(augmented.sum())
-            for name, writer in writers.items():
-                part = table.filter((which == name) & (~augmented if name != "train" else True))
-                counts[name] += part.num_rows
+    with Rows("split") as progress:
+        for name in paths.SPLITS:
+            path = paths.augmented_path(name)
+            scan = scan_table(path)
+            require_columns(scan.schema, path, params, reserved=True)
+            for batch in scan.batches([*targets, paths.AUGMENTED_FLAG]):
+                augmented = int(pc.sum(batch.column(paths.AUGMENTED_FLAG)).as_py() or 0)
+                if augmented and name != "train":
+                    raise UserError(f"{path}: holds augmented rows, which only train may (re-run augment)")
+                n_aug += augmented
+                counts[name] += batch.num_rows
                 for c in targets:
-                    labelled[name][c] += part.num_rows - part[c].null_count
+                    labelled[name][c] += batch.num_rows - batch.column(c).null_count
                 for c in kinds:
-                    classes[name][c].update(pc.unique(part[c]).to_pylist())
-                writer.write(part)
-            progress.add(batch.num_rows)
+                    classes[name][c].update(pc.unique(batch.column(c)).to_pylist())
+                progress.add(batch.num_rows)
         check(counts, labelled, classes, params)
-        for writer in writers.values():
-            writer.close()
+    with atomic_paths(*outputs) as tmps:
+        for name, tmp in zip(paths.SPLITS, tmps):
+            link_or_copy(paths.augmented_path(name), tmp)
     print("split: " + ", ".join(f"{k} {v} rows" for k, v in counts.items()) + f" ({n_aug} augmented, in train)")
 
 
