@@ -25,11 +25,13 @@ from mtl.errors import UserError
 NULL_VALUES = ["", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?"]
 CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=True)
 
-# The C library's malloc for Arrow's buffers, unless ARROW_DEFAULT_MEMORY_POOL says otherwise: with
-# Arrow's default (mimalloc) an ingest of 1 M rows x 50 columns spent 1.7-2.0 s in the kernel
-# against 0.9 s, and took 2.9-3.9 s against 2.4-2.6 (BENCHMARKS.md, "Data stages").
+# jemalloc for Arrow's buffers, where pyarrow has it and ARROW_DEFAULT_MEMORY_POOL does not say
+# otherwise: measured on ingest of 1 M rows x 50 columns, Arrow's default (mimalloc) spent twice
+# the system time, and took 3.5-3.8 s from Parquet against 2.4-2.6 s, 6.8-7.0 s from CSV against
+# 5.8 s; the C library's malloc matched jemalloc on Parquet but took 7.3-8.0 s from CSV.
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-    pa.set_memory_pool(pa.system_memory_pool())
+    with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 # Rows per record batch the data stages read, and per Parquet row group they write: their memory
 # grows with it (a few batches at a time), not with the table.

@@ -264,7 +264,8 @@ class _Column:
                 return None
             self.positives += int(pc.sum(out).as_py() or 0)
         if self.kind == "numeric":
-            values = out.to_numpy(zero_copy_only=False)  # nulls as NaN
+            # nulls as NaN; not to_numpy(zero_copy_only=False), which imports pandas (0.5 s)
+            values = (pc.fill_null(out, math.nan) if out.null_count else out).to_numpy()
             finite = np.isfinite(values)
             if not finite.all():
                 n_nan = int(np.isnan(values).sum())
