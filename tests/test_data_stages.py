@@ -210,3 +210,19 @@ def test_augment_and_split_follow_the_declared_column(tmp_path, monkeypatch, by_
     assert parts["train"].num_rows == n_2007 + flag.sum()
     for name in ("val", "test"):
         assert not any(parts[name][paths.AUGMENTED_FLAG].to_pylist())
+
+
+def test_pandas_polars_and_duckdb_read_the_splits(tmp_path, monkeypatch):
+    """The splits are plain Parquet files (hard links or not): the readers users reach for agree
+    with pyarrow on every row and column."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    out = run_stages(tmp_path, monkeypatch, "augment.copies=0")
+    for name in paths.SPLITS:
+        path, table = str(tmp_path / paths.split_path(name)), out["split", name]
+        assert pd.read_parquet(path).equals(table.to_pandas())
+        assert pl.read_parquet(path).to_arrow().equals(pl.from_arrow(table).to_arrow())
+        rows = duckdb.sql(f"SELECT {paths.ID}, species FROM read_parquet('{path}')").fetchall()
+        assert rows == list(zip(table[paths.ID].to_pylist(), table["species"].to_pylist()))
