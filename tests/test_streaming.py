@@ -138,3 +138,13 @@ def test_split_hash_is_fixed():
     assert split.splitmix64_unit(keys.slice(2), "mtl").tolist() == split.splitmix64_unit(keys, "mtl").tolist()[2:]
     assert split.blake2b_unit(keys, "mtl").tolist() == [
         0.7784629222770458, 0.6340498242095373, 0.931441301334844, 0.0447729419513412, 0.14620764576279324]
+
+
+@pytest.mark.parametrize(("hash_", "warned"), [("blake2b", True), ("splitmix64", False)])
+def test_ingest_points_a_large_table_on_blake2b_to_the_vectorised_hash(tmp_path, monkeypatch, capsys,
+                                                                       hash_, warned):
+    monkeypatch.setattr(ingest, "SLOW_HASH_ROWS", 344)  # penguins' rows: "large" here
+    run_stages(tmp_path, monkeypatch, 1 << 20, f"split.hash={hash_}")
+    err = capsys.readouterr().err
+    assert ("warning: split.hash: blake2b hashes one key at a time" in err) == warned, err
+    assert "split.hash: splitmix64 before its first run" in err or not warned
