@@ -46,25 +46,24 @@ def run(params: Params) -> None:
     scans = {name: scan_table(paths.ingested_path(name)) for name in paths.SPLITS}
     for name, scan in scans.items():
         require_columns(scan.schema, paths.ingested_path(name), params, reserved=True)
-    n_rows = sum(pq.read_metadata(paths.ingested_path(name)).num_rows for name in paths.SPLITS)
-    check_schema(schema, scans["train"].schema.names, n_rows)
+    rows = {name: pq.read_metadata(paths.ingested_path(name)).num_rows for name in paths.SPLITS}
+    check_schema(schema, scans["train"].schema.names, sum(rows.values()))
     check_record(schema, params.split)
     copies = params.augment.copies
-    n_out = 0
+    n_out = rows["train"]  # train's rows written: without copies, the ingested file's
     with atomic_paths(*outputs) as tmps:
         for name, tmp in zip(paths.SPLITS, tmps):
             if name != "train" or copies == 0:  # passed through: the same file
                 link_or_copy(paths.ingested_path(name), tmp)
         if copies:
             with Rows("augment") as progress:
-                writer = RowGroupWriter(tmps[0], scans["train"].schema)
+                writer, n_out = RowGroupWriter(tmps[0], scans["train"].schema), 0
                 for part in stream(scans["train"], schema, params):
                     writer.write(part)
                     n_out += part.num_rows
                     progress.add(part.num_rows)
                 writer.close()
-    n_train = pq.read_metadata(paths.ingested_path("train")).num_rows
-    print(f"augment: {n_train} training rows + {max(n_out - n_train, 0)} augmented -> {paths.AUGMENTED_DIR}")
+    print(f"augment: {rows['train']} training rows + {n_out - rows['train']} augmented -> {paths.AUGMENTED_DIR}")
 
 
 def check_schema(schema: object, columns: list[str], n_rows: int) -> None:
@@ -146,7 +145,7 @@ class _Pool:
     @classmethod
     def read(cls, scan: Scan, params: Params, columns: list[str], n_numeric: int) -> _Pool:
         pool = cls(params, len(columns), n_numeric)
-        kept = list(dict.fromkeys([paths.ID, *columns, *filter(None, [pool.label])]))
+        kept = list(dict.fromkeys([paths.ID, *columns, *([pool.label] if pool.label else [])]))
         for batch in scan.batches(kept):
             pool._sample(pa.Table.from_batches([batch]), columns, params.augment.seed)
         classes = pool.classes.astype(str)
