@@ -1,0 +1,92 @@
+"""A plain CSV file read in parallel. pyarrow's streaming reader parses on one thread, and from
+CSV that was most of ingest's time (BENCHMARKS.md). Here the file is cut at record ends into
+chunks of about ``CHUNK_BYTES``, and pyarrow's multithreaded ``read_csv`` parses each chunk, one
+chunk ahead on a thread, with the column types the streaming reader inferred from the file's
+first block. The values, the types and pyarrow's error messages are the streaming reader's.
+
+A chunk ends at a line end with an even number of quote characters before it: under RFC 4180 a
+quoted field's own quotes come in pairs, so a quoted field that holds a line end stays in one
+chunk. A file whose quotes do not pair up (a stray quote inside an unquoted field) can leave no
+such line end; if none turns up within ``SEARCH_BYTES``, the streaming reader reads the rest of
+the file, as it read every file before. (Within a chunk, ``read_csv`` cuts its blocks as the
+streaming reader does, at any line end.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+CHUNK_BYTES = 4 << 20
+SEARCH_BYTES = 4 * CHUNK_BYTES
+
+
+def batches(path: str, schema: pa.Schema, convert: pacsv.ConvertOptions,
+            columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows of the CSV file at ``path``, of the streaming reader's ``schema``, converted
+    with ``convert`` (its null values), in file order; only ``columns``, if given."""
+    options = pacsv.ConvertOptions(null_values=convert.null_values, strings_can_be_null=convert.strings_can_be_null,
+                                   column_types=schema, **({"include_columns": columns} if columns else {}))
+    names = pacsv.ReadOptions(column_names=schema.names)
+    with open(path, "rb") as file, ThreadPoolExecutor(max_workers=1) as ahead:
+        chunks, parsed, header = _chunks(file), None, pacsv.ReadOptions()
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration as stop:
+                rest = stop.value
+                break
+            following = ahead.submit(pacsv.read_csv, pa.py_buffer(chunk), read_options=header,
+                                     convert_options=options)
+            header = names  # only the first chunk starts with the header
+            if parsed is not None:
+                yield from parsed.result().to_batches()
+            parsed = following
+        if parsed is not None:
+            yield from parsed.result().to_batches()
+        if rest is not None:  # no record end found: the streaming reader takes over
+            file.seek(rest)
+            yield from pacsv.open_csv(file, read_options=header, convert_options=options)
+
+
+def _chunks(file: BinaryIO) -> Generator[memoryview, None, int | None]:
+    """``file`` in chunks that end at a record end; returns None at the end of the file, or
+    the offset of the first byte not yielded if no record end turned up within SEARCH_BYTES."""
+    rest, offset = b"", 0  # rest: the bytes after the last record end, from offset on
+    scratch = np.empty(SEARCH_BYTES + CHUNK_BYTES, bool)
+    while True:
+        data = file.read(CHUNK_BYTES)
+        buffer = rest + data if rest else data
+        if not data:
+            if buffer:
+                yield memoryview(buffer)
+            return None
+        end = record_end(buffer, scratch)
+        if not end:
+            if len(buffer) >= SEARCH_BYTES:
+                return offset
+            rest = buffer
+            continue
+        view = memoryview(buffer)
+        yield view[:end]
+        rest, offset = bytes(view[end:]), offset + end
+
+
+def record_end(buffer: bytes, scratch: np.ndarray | None = None) -> int:
+    """Just past the last line end in ``buffer`` with an even number of quote characters
+    before it (outside any quoted field), or 0 if there is none; ``scratch``: a boolean array
+    at least as long as ``buffer`` to work in (a fresh one costs page faults)."""
+    scratch = np.empty(len(buffer), bool) if scratch is None else scratch[:len(buffer)]
+    quote = np.equal(np.frombuffer(buffer, np.uint8), ord('"'), out=scratch)  # 4x bytes.count's speed
+    end, quotes = len(buffer), int(np.count_nonzero(quote))
+    while (i := buffer.rfind(b"\n", 0, end)) >= 0:
+        quotes -= int(np.count_nonzero(quote[i:end]))
+        if quotes % 2 == 0:
+            return i + 1
+        end = i
+    return 0
