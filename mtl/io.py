@@ -9,6 +9,7 @@ import errno
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -375,7 +376,7 @@ def scan_table(path: Path | str) -> Scan:
     _check_columns(path, schema, parquet)
 
     def checked(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        with _readable(path):
+        with _readable(path, None if parquet else schema.names):
             yield from _coalesce(batches(columns))
 
     return Scan(schema, checked)
@@ -399,12 +400,15 @@ def _coalesce(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 
 
 @contextlib.contextmanager
-def _readable(path: Path) -> Iterator[None]:
-    """Turn pyarrow's errors while reading ``path`` into one line naming the file."""
+def _readable(path: Path, names: list[str] | None = None) -> Iterator[None]:
+    """Turn pyarrow's errors while reading ``path`` into one line naming the file (and the
+    column by its name, where pyarrow gives a CSV column's position among ``names``)."""
     try:
         yield
     except (pa.ArrowException, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if names and (number := re.match(r"In CSV column #(\d+): ", reason)) and int(number[1]) < len(names):
+            reason = f"column '{names[int(number[1])]}': {reason[number.end():]}"
         raise UserError(f"{path}: cannot be read as a table: {reason}") from None
 
 

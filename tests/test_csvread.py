@@ -10,6 +10,7 @@ import pyarrow.csv as pacsv
 import pytest
 
 from mtl import csvread, io
+from mtl.errors import UserError
 
 
 def write_csv(path, rows: list[str], header: str = "id,note,x,flag") -> str:
@@ -122,3 +123,16 @@ def test_scan_table_reads_a_plain_csv_file_in_chunks(tmp_path, monkeypatch):
     assert pa.Table.from_batches(batches).equals(streamed(path))
     assert pa.Table.from_batches(list(io.scan_table(tmp_path / "t.csv.gz").batches())).equals(streamed(path))
     assert calls == [str(path)]
+
+
+def test_a_late_value_that_does_not_convert_names_its_column(tmp_path):
+    """Past the first block (1 MB), where the types were taken, a value of another type is one
+    line naming the file, the column and the value."""
+    rows = [f"r{i},n,{i},true" for i in range(60_000)] + ["r60000,n,lots,true"]
+    path = tmp_path / "t.csv"
+    write_csv(path, rows)
+    assert path.stat().st_size > 1 << 20
+    with pytest.raises(UserError) as error:
+        list(io.scan_table(path).batches())
+    assert str(error.value) == (f"{path}: cannot be read as a table: column 'x': "
+                                "CSV conversion error to int64: invalid value 'lots'")
