@@ -14,6 +14,7 @@ streaming reader does, at any line end.)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
@@ -29,9 +30,9 @@ SEARCH_BYTES = 4 * CHUNK_BYTES
 def batches(path: str, schema: pa.Schema, convert: pacsv.ConvertOptions,
             columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The rows of the CSV file at ``path``, of the streaming reader's ``schema``, converted
-    with ``convert`` (its null values), in file order; only ``columns``, if given."""
-    options = pacsv.ConvertOptions(null_values=convert.null_values, strings_can_be_null=convert.strings_can_be_null,
-                                   column_types=schema, **({"include_columns": columns} if columns else {}))
+    with ``convert`` (its null values and the rest), in file order; only ``columns``, if given."""
+    options = copy.copy(convert)  # every option the stream had, with its types fixed
+    options.column_types, options.include_columns = schema, columns or []
     names = pacsv.ReadOptions(column_names=schema.names)
     with open(path, "rb") as file, ThreadPoolExecutor(max_workers=1) as ahead:
         chunks, parsed, header = _chunks(file), None, pacsv.ReadOptions()
