@@ -23,7 +23,7 @@ from mtl.engine.checkpoint import Bundle
 from mtl.engine.encoders import Preprocessor, quantile_bins
 from tests.helpers import REPO, train_project
 from tests.test_predict_export import assert_export_and_predict_match, mtl, new_rows
-from tests.test_serve import predicted, request_rows, serving
+from tests.test_serve import predict_threads, predicted, request_rows, serving
 
 VARIANT = "hps-ew"
 MODULES = {"ple": PiecewiseLinearEncoding, "periodic": PeriodicEmbeddings}
@@ -78,7 +78,7 @@ def test_int8_onnx_export_keeps_the_metrics_close(project, monkeypatch):
 
 def test_serve_answers_what_mtl_predict_writes(project, monkeypatch):
     rows = new_rows(project)  # an unseen island, a missing one, a missing number
-    with serving(project, "--threads", str(torch.get_num_threads())) as (url, _):
+    with serving(project, "--threads", predict_threads(project)) as (url, _):
         response = httpx.post(f"{url}/predict", json={"rows": request_rows(rows)})
     assert response.status_code == 200, response.text
     assert response.json()["predictions"] == predicted(project, rows, monkeypatch)

@@ -62,10 +62,16 @@ def serving(root: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
         process.wait(timeout=60)
 
 
+def predict_threads(root: Path) -> str:
+    """The threads of `mtl predict` in ``root`` (runtime.threads): a server on as many sums in
+    the same order, whatever count earlier tests left in this process."""
+    with contextlib.chdir(root):
+        return str(load_params().threads())
+
+
 @pytest.fixture(scope="module")
 def server(project: Path) -> Iterator[str]:  # noqa: F811
-    # as many threads as `mtl predict` in this process: the same sums in the same order
-    with serving(project, "--max-rows", "8", "--threads", str(torch.get_num_threads())) as (url, _):
+    with serving(project, "--max-rows", "8", "--threads", predict_threads(project)) as (url, _):
         yield url
 
 
@@ -197,10 +203,7 @@ def test_health_ready_metadata_and_docs(project, server):  # noqa: F811
         "bill_length_mm": "numeric", "bill_depth_mm": "numeric", "flipper_length_mm": "numeric",
         "year": "numeric", "island": "categorical"}
     assert meta["outputs"][:2] == ["species", "species:p:Adelie"]
-    with contextlib.chdir(project):
-        params = load_params()
-        inputs = train.fingerprint(params, VARIANT, 0, encoded.data_fingerprint(params))
-    assert meta["training_inputs_sha256"] == inputs
+    assert meta["training_inputs_sha256"] == training_inputs(project)
     assert meta["versions"]["trained"]["torch"] == meta["versions"]["serving"]["torch"] == str(torch.__version__)
     assert "text/html" in httpx.get(f"{server}/docs").headers["content-type"]
     schema = httpx.get(f"{server}/openapi.json").json()
@@ -208,6 +211,19 @@ def test_health_ready_metadata_and_docs(project, server):  # noqa: F811
     row = schema["components"]["schemas"]["Row"]
     assert body["properties"]["rows"]["maxItems"] == 8
     assert set(row["required"]) == {i["name"] for i in meta["inputs"]} and row["additionalProperties"] is False
+
+
+def training_inputs(project: Path) -> str:  # noqa: F811
+    """The fingerprint of the fixture's training run, recomputed under the thread count it
+    trained with (tests run earlier in this process may have set another)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(Bundle.load(project / MODEL).info["threads"])
+        with contextlib.chdir(project):
+            params = load_params()
+            return train.fingerprint(params, VARIANT, 0, encoded.data_fingerprint(params))
+    finally:
+        torch.set_num_threads(before)
 
 
 class Stream:
