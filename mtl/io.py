@@ -31,13 +31,15 @@ CSV_OPTIONS = pacsv.ConvertOptions(null_values=NULL_VALUES, strings_can_be_null=
 # otherwise: measured on ingest of 1 M rows x 50 columns, Arrow's default (mimalloc) spent twice
 # the system time, and took 3.5-3.8 s from Parquet against 2.4-2.6 s, 6.8-7.0 s from CSV against
 # 5.8 s; the C library's malloc matched jemalloc on Parquet but took 7.3-8.0 s from CSV.
-# Freed pages go back to the system after a second, not at once (pyarrow's default): each
-# batch's buffers then reuse the last one's pages instead of faulting fresh ones in (ingest of
+# Freed pages go back to the system after ten seconds, not at once (pyarrow's default): each
+# batch's buffers then reuse earlier batches' pages instead of faulting fresh ones in (ingest of
 # 2 M rows from Parquet: 3.2 s against 3.6-3.7 s, a third less system time, 8 % more peak RSS).
+# A split's rows wait seconds for a row group to fill, so one second still purged and refaulted:
+# at 10 M rows, 12.3 s against 13.2 s (means of 7 alternating runs), 5 % more peak RSS.
 if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
     with contextlib.suppress(NotImplementedError):  # a pyarrow built without jemalloc
         pa.set_memory_pool(pa.jemalloc_memory_pool())
-        pa.jemalloc_set_decay_ms(1000)
+        pa.jemalloc_set_decay_ms(10_000)
 
 # Rows per record batch the data stages read, and per Parquet row group they write: their memory
 # grows with it (a few batches at a time), not with the table.
