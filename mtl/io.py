@@ -379,9 +379,21 @@ def scan_table(path: Path | str) -> Scan:
 
     def checked(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         with _readable(path, None if parquet else schema.names):
-            yield from _coalesce(batches(columns))
+            coalesced = _coalesce(batches(columns))
+            yield from read_ahead(coalesced) if path.suffix == ".csv" else coalesced
 
     return Scan(schema, checked)
+
+
+def read_ahead(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """``batches``, the next one made on a thread while the caller works on this one. For a
+    plain CSV file: csvread then parses on while ingest converts a batch, instead of one chunk
+    (10 M rows: ingest 28.3 s against 29.8 s). From Parquet it measured within noise (2 %)."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        coming = thread.submit(next, batches, None)
+        while (batch := coming.result()) is not None:
+            coming = thread.submit(next, batches, None)
+            yield batch
 
 
 def _coalesce(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -4,6 +4,8 @@ chunk size, and a quoted field must never be cut."""
 
 import gzip
 import random
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -107,15 +109,22 @@ def test_a_stray_quote_hands_the_rest_to_the_stream(tmp_path, monkeypatch):
 
 
 def test_scan_table_reads_a_plain_csv_file_in_chunks(tmp_path, monkeypatch):
-    """A .csv file goes through csvread, regrouped into batches of BATCH_ROWS; a compressed one
-    is streamed."""
+    """A .csv file goes through csvread, regrouped into batches of BATCH_ROWS on a thread of
+    its own; a compressed one is streamed."""
     rows = [f"r{i},n{i % 3},{i},true" for i in range(2000)]
     path = tmp_path / "t.csv"
     text = write_csv(path, rows)
     (tmp_path / "t.csv.gz").write_bytes(gzip.compress(text.encode()))
-    calls = []
+    calls, threads = [], set()
     read = csvread.batches
-    monkeypatch.setattr(csvread, "batches", lambda path, *args: calls.append(path) or read(path, *args))
+
+    def reading(path, *args):
+        calls.append(path)
+        for batch in read(path, *args):
+            threads.add(threading.get_ident())
+            yield batch
+
+    monkeypatch.setattr(csvread, "batches", reading)
     monkeypatch.setattr(csvread, "CHUNK_BYTES", 700)
     monkeypatch.setattr(io, "BATCH_ROWS", 300)
     batches = list(io.scan_table(path).batches())
@@ -123,6 +132,27 @@ def test_scan_table_reads_a_plain_csv_file_in_chunks(tmp_path, monkeypatch):
     assert pa.Table.from_batches(batches).equals(streamed(path))
     assert pa.Table.from_batches(list(io.scan_table(tmp_path / "t.csv.gz").batches())).equals(streamed(path))
     assert calls == [str(path)]
+    assert threads and threading.get_ident() not in threads
+
+
+def test_read_ahead_makes_the_next_batch_while_the_caller_works():
+    made = []
+
+    def source():
+        for i in range(3):
+            made.append(i)
+            yield i
+        raise pa.ArrowInvalid("broken")
+
+    batches = io.read_ahead(source())
+    assert next(batches) == 0
+    deadline = time.monotonic() + 10
+    while made != [0, 1]:  # made on the thread, not asked for yet
+        assert time.monotonic() < deadline, made
+        time.sleep(0.01)
+    assert [next(batches), next(batches)] == [1, 2]
+    with pytest.raises(pa.ArrowInvalid, match="broken"):  # raised to the caller, in order
+        next(batches)
 
 
 def test_a_late_value_that_does_not_convert_names_its_column(tmp_path):
