@@ -80,8 +80,10 @@ STAGES = (("mtl ingest", ["ingest"]), ("mtl augment (copies 0)", ["augment", "--
 
 def timed(args: list[str], cwd: Path, code: Path = REPO) -> dict:
     """Wall seconds, CPU seconds (user + system) and peak RSS (MiB) of one command, from
-    /usr/bin/time; ``code``: where the ``mtl`` package it imports lies."""
+    /usr/bin/time; ``code``: where the ``mtl`` package it imports lies. The page cache is
+    flushed first: a command would otherwise pay for writing back the last one's output."""
     env = os.environ | {"PYTHONPATH": str(code)}
+    os.sync()
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         start = time.perf_counter()
         subprocess.run(["nice", "-n", "10", "/usr/bin/time", "-o", out.name, "-f", "%e %M %U %S", *args],
