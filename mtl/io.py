@@ -361,6 +361,7 @@ def scan_table(path: Path | str) -> Scan:
     """Stream one Parquet or CSV file, with ``read_table``'s checks."""
     path = Path(path)
     parquet = _table_file(path)
+    parallel = path.suffix == ".csv"  # a plain CSV file is parsed in parallel, a compressed one streamed
     with _readable(path):
         if parquet:
             schema = pq.read_schema(path)
@@ -370,7 +371,7 @@ def scan_table(path: Path | str) -> Scan:
                 batch_size=BATCH_ROWS, columns=columns)
         else:
             schema = pacsv.open_csv(path, convert_options=CSV_OPTIONS).schema  # types from the first block
-            if path.suffix == ".csv":  # read in parallel (a compressed file is streamed)
+            if parallel:
                 batches = lambda columns: csvread.batches(str(path), schema, CSV_OPTIONS, columns)
             else:
                 batches = lambda columns: (batch if columns is None else batch.select(columns)
@@ -380,7 +381,7 @@ def scan_table(path: Path | str) -> Scan:
     def checked(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         with _readable(path, None if parquet else schema.names):
             coalesced = _coalesce(batches(columns))
-            yield from read_ahead(coalesced) if path.suffix == ".csv" else coalesced
+            yield from read_ahead(coalesced) if parallel else coalesced
 
     return Scan(schema, checked)
 
